@@ -1,0 +1,262 @@
+"""Loading PyTorch-format weights into our Flax parameter trees, with no torch at run time.
+
+The on-disk formats are the ones diffusers and transformers write: a folder with `config.json`
+and `*.safetensors`, and diffusers' pipeline folder (`model_index.json` with `unet/`, `vae/`,
+`text_encoder/`, `tokenizer/`, `scheduler/`). Our Flax modules mirror the PyTorch module names,
+so a state-dict key maps to a parameter path by one generic rule:
+
+  "down_blocks.0.attentions.1.to_q.weight" -> ("down_blocks_0", "attentions_1", "to_q", "kernel")
+
+with the leaf renamed and laid out by what the target tree holds at that path: `kernel`
+(Linear weight transposed; Conv weight (O, I, kh, kw) -> (kh, kw, I, O)), `scale` (norm weight),
+`embedding` (nn.Embedding weight), or a raw parameter of the same name. Every tensor must find
+its place and every parameter must be filled: anything else is a `WeightsError` that lists the
+missing, unexpected and mis-shaped tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+PathLike = str | pathlib.Path
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class WeightsError(ValueError):
+    """A weight folder that cannot be loaded into the model as configured."""
+
+
+def read_json(path: PathLike) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(folder: PathLike) -> dict[str, Any]:
+    """The component's `config.json`."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights folder not found")
+    return read_json(folder / "config.json")
+
+
+def component_dir(folder: PathLike, component: str) -> pathlib.Path:
+    """`folder/component` if `folder` is a diffusers pipeline folder, else `folder` itself."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights folder not found")
+    if (folder / "model_index.json").is_file():
+        sub = folder / component
+        if not sub.is_dir():
+            raise WeightsError(f"{folder}: pipeline folder has no {component}/ subfolder")
+        return sub
+    return folder
+
+
+def read_safetensors_file(path: PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one .safetensors file, memory-mapped, as numpy (bfloat16 included)."""
+    path = pathlib.Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise WeightsError(f"{path}: truncated safetensors file")
+        header_len = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{path}: corrupt safetensors header") from None
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if end > data.size:
+            raise WeightsError(f"{path}: truncated safetensors file (tensor {name})")
+        tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+    return tensors
+
+
+def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = read_json(index[0]).get("weight_map", {})
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    # Prefer full-precision files where a variant (e.g. *.fp16.safetensors) sits beside them.
+    plain = [f for f in files if f.name.count(".") == 1]
+    return plain or files
+
+
+def read_safetensors(folder: PathLike) -> dict[str, np.ndarray]:
+    """Every tensor in the folder's safetensors files (sharded checkpoints included)."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights folder not found")
+    files = _weight_files(folder)
+    if not files:
+        torch_files = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt*")
+        )
+        if torch_files:
+            raise WeightsError(
+                f"{folder}: holds only PyTorch pickle weights ({', '.join(torch_files)}); "
+                "convert once with torch installed: `python -c \"import sys, transformers; "
+                "m = transformers.AutoModel.from_pretrained(sys.argv[1]); "
+                "m.save_pretrained(sys.argv[1], safe_serialization=True)\" FOLDER` "
+                "(diffusers models: the model class's from_pretrained / save_pretrained likewise)"
+            )
+        raise WeightsError(f"{folder}: no *.safetensors weight files")
+    tensors: dict[str, np.ndarray] = {}
+    for path in files:
+        if not path.is_file():
+            raise WeightsError(f"{path}: weight file listed in the index is missing")
+        tensors.update(read_safetensors_file(path))
+    return tensors
+
+
+def torch_key_to_path(key: str) -> tuple[str, ...]:
+    """'a.0.b.weight' -> ('a_0', 'b', 'weight'): list indices join their parent's name."""
+    path: list[str] = []
+    for part in key.split("."):
+        if part.isdigit() and path:
+            path[-1] = f"{path[-1]}_{part}"
+        else:
+            path.append(part)
+    return tuple(path)
+
+
+def _to_kernel(array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    if array.ndim == 2 and len(target_shape) == 2:  # Linear (out, in) -> (in, out)
+        return array.T
+    if array.ndim == 4 and len(target_shape) == 4:  # Conv2d (O, I, kh, kw) -> (kh, kw, I, O)
+        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 4 and len(target_shape) == 2 and array.shape[2:] == (1, 1):
+        return array[:, :, 0, 0].T  # 1x1 conv stored where we use a Dense
+    if array.ndim == 2 and len(target_shape) == 4 and target_shape[:2] == (1, 1):
+        return array.T[None, None]  # Linear stored where we use a 1x1 conv
+    return array
+
+
+def _summarise(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def convert_state_dict(
+    state: Mapping[str, np.ndarray],
+    target: Mapping[str, Any],
+    *,
+    where: str = "weights",
+    rename: Callable[[str], str | None] | None = None,
+    ignore: Iterable[str] = (),
+    dtype: Any = np.float32,
+) -> dict[str, Any]:
+    """Map a PyTorch state dict onto the nested parameter tree `target` (shapes only).
+
+    Args:
+      state: tensor name -> array, as read from safetensors.
+      target: nested dict whose leaves have `.shape` (e.g. from `jax.eval_shape` of `init`).
+      where: the folder or component name, for error messages.
+      rename: optional key rewrite before the generic rule; returning None drops the tensor.
+      ignore: regular expressions (full match) of tensor names to drop (buffers, unused heads).
+      dtype: the dtype of the returned parameters.
+
+    Returns:
+      A nested dict of numpy arrays with exactly the structure and shapes of `target`.
+    """
+    flat_target = traverse_util.flatten_dict(dict(target))
+    ignore_res = [re.compile(p) for p in ignore]
+    result: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected: list[str] = []
+    misshaped: list[str] = []
+    for key, array in state.items():
+        if any(r.fullmatch(key) for r in ignore_res):
+            continue
+        new_key = rename(key) if rename else key
+        if new_key is None:
+            continue
+        base = torch_key_to_path(new_key)
+        prefix, leaf = base[:-1], base[-1]
+        path = base
+        if leaf == "weight":
+            for candidate in ("kernel", "scale", "embedding", "weight"):
+                if (*prefix, candidate) in flat_target:
+                    path = (*prefix, candidate)
+                    break
+        if path not in flat_target:
+            unexpected.append(key)
+            continue
+        target_shape = tuple(flat_target[path].shape)
+        if path[-1] == "kernel":
+            array = _to_kernel(array, target_shape)
+        if tuple(array.shape) != target_shape:
+            misshaped.append(f"{key} {tuple(array.shape)} != {target_shape}")
+            continue
+        result[path] = np.asarray(array, dtype=dtype)
+    missing = ["/".join(p) for p in flat_target if p not in result]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing [{_summarise(missing)}]")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected [{_summarise(unexpected)}]")
+        if misshaped:
+            parts.append(f"{len(misshaped)} mis-shaped [{_summarise(misshaped)}]")
+        raise WeightsError(f"{where}: weights do not match the model: " + "; ".join(parts))
+    return traverse_util.unflatten_dict(result)
+
+
+def check_config_keys(
+    config: Mapping[str, Any],
+    supported: Iterable[str],
+    ignored: Iterable[str] = (),
+    *,
+    where: str,
+) -> None:
+    """Refuse config keys we do not implement (so nothing is silently ignored).
+
+    `ignored` lists keys that carry no meaning for the computation (names, versions).
+    """
+    allowed = set(supported) | set(ignored)
+    unknown = sorted(k for k in config if k not in allowed and not k.startswith("_"))
+    if unknown:
+        raise WeightsError(f"{where}: unsupported config keys {unknown}")
+
+
+def require_value(
+    config: Mapping[str, Any], key: str, allowed: Iterable[Any], *, where: str, default: Any = None
+) -> Any:
+    """Return config[key] (or `default` when absent), refusing values outside `allowed`."""
+    allowed = list(allowed)
+    value = config.get(key, default)
+    if value not in allowed:
+        raise WeightsError(f"{where}: unsupported {key}={value!r} (supported: {allowed})")
+    return value

@@ -1,0 +1,33 @@
+"""Test setup: 8 fake CPU devices, a persistent compilation cache, and the shared data folder.
+
+The environment must be set before jax is first imported, hence at the top of conftest.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Compiles are slow on 2 cores; a persistent cache makes reruns and repeated shapes cheap.
+jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+SHARED = REPO.parent / "shared"
+DREAMBOOTH = SHARED / "data" / "dreambooth"
+
+
+@pytest.fixture(scope="session")
+def dreambooth_dir() -> pathlib.Path:
+    if not DREAMBOOTH.is_dir():
+        pytest.fail(f"shared DreamBooth data not found at {DREAMBOOTH}")
+    return DREAMBOOTH
+
