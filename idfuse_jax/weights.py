@@ -260,3 +260,163 @@ def require_value(
     if value not in allowed:
         raise WeightsError(f"{where}: unsupported {key}={value!r} (supported: {allowed})")
     return value
+
+
+# --- CLIP, ViT and tokenizer loaders -----------------------------------------------------------
+# The model modules import this file (for WeightsError and the config helpers), so the loaders
+# import them, and jax, where they run.
+
+
+def abstract_params(module: Any, *inputs: Any) -> dict[str, Any]:
+    """The module's parameter shapes and dtypes (jax.ShapeDtypeStruct leaves), without init."""
+    import jax
+
+    return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+
+
+def init_params(module: Any, *inputs: Any, seed: int = 0) -> dict[str, Any]:
+    """Random parameters for a (tiny) model, initialised under jax.jit (eager init is slow)."""
+    import jax
+
+    return jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
+
+
+def _strip_prefix(prefix: str) -> Callable[[str], str]:
+    return lambda key: key[len(prefix) :] if key.startswith(prefix) else key
+
+
+# Buffers and the other tower's tensors in CLIPModel folders; none are parameters of ours.
+_CLIP_BUFFERS = (r".*position_ids", r"logit_scale")
+_CLIP_TEXT_SIDE = (r"text_model\..*", r"text_projection\..*")
+_CLIP_VISION_SIDE = (r"vision_model\..*", r"visual_projection\..*")
+
+
+def load_clip_text(
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """(CLIPTextTransformer, float32 numpy params) from a transformers text-encoder folder.
+
+    Accepts CLIPTextModel, CLIPTextModelWithProjection and full CLIPModel folders, or a diffusers
+    pipeline folder (its text_encoder/). The projection is built when the weights hold
+    `text_projection.weight`. `dtype` is the module's compute dtype.
+    """
+    from idfuse_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
+
+    folder = component_dir(folder, "text_encoder")
+    tensors = read_safetensors(folder)
+    config = CLIPTextConfig.from_transformers(
+        read_config(folder), with_projection="text_projection.weight" in tensors, where=str(folder)
+    )
+    module = CLIPTextTransformer(config, dtype=dtype, remat=remat)
+    params = convert_state_dict(
+        tensors,
+        abstract_params(module, module.example_input()),
+        where=str(folder),
+        rename=_strip_prefix("text_model."),
+        ignore=_CLIP_BUFFERS + _CLIP_VISION_SIDE,
+    )
+    return module, params
+
+
+def load_clip_vision(
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """(CLIPVisionTransformer, float32 numpy params) from a transformers image-encoder folder.
+
+    Accepts CLIPVisionModelWithProjection, CLIPVisionModel and full CLIPModel folders (the text
+    side is ignored), or a diffusers pipeline folder (its image_encoder/). The projection is
+    built when the weights hold `visual_projection.weight`.
+    """
+    from idfuse_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+
+    folder = component_dir(folder, "image_encoder")
+    tensors = read_safetensors(folder)
+    config = CLIPVisionConfig.from_transformers(
+        read_config(folder),
+        with_projection="visual_projection.weight" in tensors,
+        where=str(folder),
+    )
+    module = CLIPVisionTransformer(config, dtype=dtype, remat=remat)
+    params = convert_state_dict(
+        tensors,
+        abstract_params(module, module.example_input()),
+        where=str(folder),
+        rename=_strip_prefix("vision_model."),
+        ignore=_CLIP_BUFFERS + _CLIP_TEXT_SIDE,
+    )
+    return module, params
+
+
+def load_vit(
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """(ViTModel, float32 numpy params) from a transformers ViTModel folder (e.g. DINO ViT-S/16).
+
+    The pooler's tensors are dropped (DINO features are the CLS token, not the pooler output);
+    so are an image-classification head's (`classifier.*`, with the `vit.` prefix stripped).
+    """
+    from idfuse_jax.models.vit import ViTConfig, ViTModel
+
+    folder = pathlib.Path(folder)
+    tensors = read_safetensors(folder)
+    config = ViTConfig.from_transformers(read_config(folder), where=str(folder))
+    module = ViTModel(config, dtype=dtype, remat=remat)
+    params = convert_state_dict(
+        tensors,
+        abstract_params(module, module.example_input()),
+        where=str(folder),
+        rename=_strip_prefix("vit."),
+        ignore=(r"(vit\.)?pooler\..*", r"classifier\..*"),
+    )
+    return module, params
+
+
+def load_tokenizer(folder: PathLike) -> Any:
+    """The CLIPTokenizer of a diffusers pipeline folder (its tokenizer/) or a vocab.json folder."""
+    from idfuse_jax.tokenizer import CLIPTokenizer
+
+    return CLIPTokenizer.from_folder(component_dir(folder, "tokenizer"))
+
+
+# --- Stable Diffusion UNet and VAE ------------------------------------------------------------
+
+# Old VAE checkpoints name the mid-block attention's projections the pre-0.14 diffusers way.
+_LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_VAE_ATTENTION_RE = re.compile(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(\w+)")
+
+
+def _rename_legacy_vae_attention(key: str) -> str:
+    m = _LEGACY_VAE_ATTENTION_RE.fullmatch(key)
+    return f"{m[1]}.{_LEGACY_VAE_ATTENTION[m[2]]}.{m[3]}" if m else key
+
+
+def load_unet(folder: PathLike, *, dtype: Any = np.float32, remat: bool = False) -> tuple[Any, Any]:
+    """A diffusers UNet2DConditionModel folder (or pipeline folder) -> (model, float32 params).
+
+    The params are host (numpy) arrays, so the caller chooses their device placement/sharding.
+    """
+    from idfuse_jax.models import unet as unet_lib  # models import this module
+
+    folder = component_dir(folder, "unet")
+    config = unet_lib.UNetConfig.from_diffusers(read_config(folder), where=str(folder))
+    model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat)
+    params = convert_state_dict(
+        read_safetensors(folder), unet_lib.param_shapes(model), where=str(folder)
+    )
+    return model, params
+
+
+def load_vae(folder: PathLike, *, dtype: Any = np.float32) -> tuple[Any, Any]:
+    """A diffusers AutoencoderKL folder (or pipeline folder) -> (model, float32 params)."""
+    from idfuse_jax.models import vae as vae_lib  # models import this module
+
+    folder = component_dir(folder, "vae")
+    config = vae_lib.VAEConfig.from_diffusers(read_config(folder), where=str(folder))
+    model = vae_lib.AutoencoderKL(config, dtype=dtype)
+    params = convert_state_dict(
+        read_safetensors(folder),
+        vae_lib.param_shapes(model),
+        where=str(folder),
+        rename=_rename_legacy_vae_attention,
+    )
+    return model, params

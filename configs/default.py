@@ -1,0 +1,114 @@
+"""Every field of an idfuse_jax training run, with its default and what it means.
+
+Not meant to be run as is (it names no subject); `configs/dog.py` and `configs/tiny.py` start
+from it. Any field can be overridden on the command line:
+
+  python -m idfuse_jax.train --config configs/dog.py --workdir runs/dog \
+      --config.train.steps=500 --config.mesh.fsdp=4
+
+A key that is not listed here is an error (the config is locked).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # everything random (init, noise, timesteps, data order) derives from it
+    c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPUs)
+
+    c.model = ml_collections.ConfigDict()
+    # diffusers Stable Diffusion pipeline folder (model_index.json, unet/, vae/, text_encoder/,
+    # tokenizer/, scheduler/). Empty: build random models of the `random` sizes (tests, tiny runs).
+    c.model.pretrained = ""
+    # transformers CLIPVisionModelWithProjection or CLIPModel folder: the image encoder E_I.
+    c.model.image_encoder = ""
+    c.model.dtype = "bfloat16"  # compute dtype of the frozen models; parameters stay float32
+    c.model.remat = False  # rematerialise UNet blocks: less memory, ~30% more compute
+    # Sizes of the random models used when model.pretrained is empty.
+    c.model.random = ml_collections.ConfigDict(
+        dict(
+            unet_channels=(32, 64),
+            unet_heads=2,
+            vae_channels=(32, 64),
+            latent_channels=4,
+            text_width=32,
+            text_layers=2,
+            image_width=32,
+            image_layers=2,
+            image_patch=8,
+            image_size=32,
+            projection_dim=32,
+        )
+    )
+
+    c.data = ml_collections.ConfigDict()
+    c.data.instance_dir = ""  # folder of subject photos, or "synthetic" (generated test subject)
+    c.data.token = "sks"  # the rare identifier bound to the subject
+    c.data.class_name = "dog"
+    c.data.prompt = "a photo of {token} {class_name}"  # the identity prompt P
+    c.data.resolution = 512  # training resolution (square, centre crop)
+    c.data.min_size = 256  # smaller photos are refused
+    c.data.random_flip = True  # horizontal flips, precomputed once per subject
+    c.data.synthetic_images = 4  # images of the synthetic subject
+    # Explicit decoupling (prepared once per subject, cached under the workdir):
+    c.data.masks = "auto"  # auto (masks/ if present, else grabcut) | given | grabcut | onnx
+    c.data.onnx_model = ""  # segmentation .onnx file for masks="onnx"
+    c.data.inpaint = "telea"  # telea (OpenCV) | sd (SD inpainting model, in_channels 9)
+    c.data.inpaint_model = ""  # diffusers SD inpainting pipeline folder for inpaint="sd"
+
+    c.method = ml_collections.ConfigDict()
+    c.method.background = "implicit"  # f_com = f_s + f_i (implicit) or f_s + f'_i (explicit)
+    c.method.num_experts = 4  # FFM experts K
+    c.method.expert_hidden_mult = 1  # expert MLP hidden width = mult x text width
+    c.method.adapter_hidden_mult = 1  # adapter MLP hidden width = mult x image width
+    c.method.lora_rank = 4
+    c.method.lora_alpha = 4.0  # LoRA scale alpha / rank
+    # Regular expressions over '/'-joined parameter paths; "" switches LoRA off for that model.
+    c.method.unet_lora_targets = r".*attn[12]/(to_q|to_k|to_v|to_out_0)/kernel"
+    c.method.text_lora_targets = r".*self_attn/(q_proj|k_proj|v_proj|out_proj)/kernel"
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.text_only_weight = 0.01  # weak denoising with FFM(f_s) alone (the inference path)
+    c.loss.lambda_denoise = 1.0  # L1
+    c.loss.lambda_text_background = 0.001  # L2 = cos(pool(f_s), f_i)
+    c.loss.lambda_background_agree = 0.001  # L3 = -cos(f_i, f'_i)
+    c.loss.lambda_subject_background = 0.001  # L4 = cos(pool(f_s), f'_i)
+    c.loss.text_pool = "mean"  # mean over tokens (DisenBooth) | eos token
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-4
+    c.optim.schedule = "constant"  # constant | cosine (decay to 0 at train.steps)
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 1e-2
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0  # global-norm clipping; 0 switches it off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000  # DisenBooth: ~1000 for animals, ~2000 for objects
+    c.train.batch_size = 1  # global batch; must divide over the mesh's devices
+    c.train.log_every = 10  # metrics.jsonl and TensorBoard
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 2
+    c.train.sample_every = 250  # sample grid in workdir/samples/step_N.png (and at the end)
+    c.train.peak_tflops_per_device = 0.0  # for MFU; 0 looks the device kind up (None if unknown)
+    c.train.inject_nan_at_step = -1  # testing aid: make the loss NaN at this step
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompts = (
+        "a {token} {class_name} in the snow",
+        "a {token} {class_name} on the beach",
+        "a {token} {class_name} with a city in the background",
+        "a red {token} {class_name}",
+    )
+    c.sample.sampler = "dpm++"  # dpm++ (DPM-Solver++ 2M) | ddim
+    c.sample.num_steps = 50
+    c.sample.guidance_scale = 7.5  # classifier-free guidance against FFM(E_T(""))
+    c.sample.seed = 0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1  # frozen weights sharded over this many devices
+    return c

@@ -1,0 +1,41 @@
+"""The paper's setup on the DreamBooth dog: SD 2.1-base + OpenCLIP ViT-H/14, LoRA, IEDM, FFM.
+
+Weights (no hub access at run time; fetch them once, on a machine with internet):
+  - Stable Diffusion 2.1-base, diffusers pipeline folder with safetensors
+    (`stabilityai/stable-diffusion-2-1-base` on the Hugging Face hub):
+      huggingface-cli download stabilityai/stable-diffusion-2-1-base --local-dir weights/sd21-base
+  - OpenCLIP ViT-H/14 image encoder in transformers' format, projection width 1024 = SD 2.1's text
+    width (`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`, its config.json + model.safetensors):
+      huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K config.json \
+          model.safetensors --local-dir weights/clip-vit-h-14
+  - The DreamBooth dataset (google/dreambooth on GitHub); this config reads its dog/ folder.
+
+Run (one device; on N devices also set --config.train.batch_size to a multiple of N, and
+--config.mesh.fsdp=N to shard the frozen weights over them):
+  python -m idfuse_jax.train --config configs/dog.py --workdir runs/dog \
+      --config.model.pretrained=weights/sd21-base \
+      --config.model.image_encoder=weights/clip-vit-h-14 \
+      --config.data.instance_dir=data/dreambooth/dog
+
+What to expect: masks and backgrounds are prepared once (runs/dog/prepared/, with preview.png),
+then 1000 steps at batch 1 (DisenBooth's recipe), loss terms in runs/dog/metrics.jsonl and
+TensorBoard, sample grids of the dog in new scenes in runs/dog/samples/step_N.png every 250 steps,
+checkpoints in runs/dog/checkpoints/, and at the end the trainable weights alone (LoRA, adapter,
+FFM; a few MB) in runs/dog/idfuse_weights.safetensors. The total loss is dominated by the noisy
+diffusion term and drifts down only slowly; judge the run by the samples.
+"""
+
+from idfuse_jax.config_lib import sibling_module
+
+
+def get_config():
+    c = sibling_module(__file__, "default").get_config()
+    c.model.pretrained = "weights/sd21-base"
+    c.model.image_encoder = "weights/clip-vit-h-14"
+    c.model.dtype = "bfloat16"
+    c.data.instance_dir = "data/dreambooth/dog"
+    c.data.class_name = "dog"
+    c.data.resolution = 512
+    c.train.steps = 1000
+    c.train.batch_size = 1
+    return c

@@ -1,0 +1,50 @@
+"""Checkpoints with orbax: trainable state (sharded arrays) plus JSON metadata.
+
+Metadata holds the step, the data iterator's state and the config, so a rerun of the same
+command resumes exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(directory: str | pathlib.Path, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Save asynchronously; `mngr.wait_until_finished()` before the process exits."""
+    mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+
+
+def restore_latest(
+    mngr: ocp.CheckpointManager, abstract_state: Any
+) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, meta) of the latest checkpoint, laid out like `abstract_state`, or None.
+
+    `abstract_state` leaves are arrays or jax.ShapeDtypeStruct with shardings: restored arrays
+    land directly on the devices the train step expects.
+    """
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
+    )
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return step, restored.state, restored.meta

@@ -1,0 +1,100 @@
+"""What a run shows: metrics.jsonl, TensorBoard events, image grids, and MFU bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image
+
+# Dense bf16 peak TFLOP/s per device, for MFU. Matched as substrings of jax's device_kind.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v6": 918.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v4": 275.0,
+}
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    """Peak TFLOP/s of one device: the override if set, else the table, else None."""
+    if override > 0:
+        return override
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return tflops
+    return None
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard.
+
+    Only process 0 writes; other processes get a writer that does nothing.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.workdir = pathlib.Path(workdir)
+        self._jsonl = None
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for key, value in scalars.items():
+            value = None if value is None else float(value)
+            row[key] = value
+            if value is not None and math.isfinite(value):
+                self._tb.add_scalar(key, value, step)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+
+    def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        if self.enabled:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """[N, H, W, 3] uint8 -> one [rows*H, columns*W, 3] uint8 grid (blank cells stay black)."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, columns * w, c), np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+    return grid
+
+
+def save_png(path: str | pathlib.Path, image: np.ndarray) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def to_uint8(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Model-space images in [-1, 1] -> uint8 [0, 255]."""
+    images = np.asarray(images, np.float32)
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)

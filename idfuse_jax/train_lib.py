@@ -1,0 +1,357 @@
+"""The training program: state, the sharded jitted step, and the loop with checkpoints and logs.
+
+`train_and_evaluate(config, workdir)` is everything `python -m idfuse_jax.train` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from idfuse_jax import checkpoint, config_lib, metrics, pipeline, sharding
+from idfuse_jax.errors import NonFiniteError
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params  # trainable only: {"unet_lora", "text_lora", "idfuse"}
+    opt_state: optax.OptState
+    # False from the first non-finite step on: later updates are skipped, so the state stays the
+    # last good one however far the host lags behind the device.
+    healthy: jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser and state
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+    if optim.schedule == "constant":
+        decay = optax.constant_schedule(optim.learning_rate)
+    else:
+        decay = optax.cosine_decay_schedule(optim.learning_rate, max(steps - optim.warmup_steps, 1))
+    if optim.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+    return optax.join_schedules([warmup, decay], [optim.warmup_steps])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        learning_rate_schedule(optim, steps),
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+    if optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
+    return adamw
+
+
+def init_train_state(trainable: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=trainable,
+        opt_state=optimizer.init(trainable),
+        healthy=jnp.ones((), jnp.bool_),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+
+
+def example_keys(key: jax.Array, step: jax.Array, batch_size: int) -> jax.Array:
+    """One key per example of the global batch, from (seed key, step, position in the batch).
+
+    Independent of how many devices share the batch: device count never enters the derivation.
+    """
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(batch_size))
+
+
+def train_step(
+    state: TrainState,
+    frozen: Params,
+    subject: pipeline.SubjectFeatures,
+    indices: jax.Array,
+    key: jax.Array,
+    *,
+    models: pipeline.Models,
+    config: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on a batch of (augmented) subject images given by `indices`."""
+    keys = example_keys(key, state.step, indices.shape[0])
+
+    def loss_fn(trainable):
+        total, terms = pipeline.training_loss(
+            models, config, frozen, trainable, subject, indices, keys
+        )
+        total = jnp.where(state.step == config.train.inject_nan_at_step, jnp.nan, total)
+        return total, terms
+
+    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    healthy = state.healthy & jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # Skip the update (keep the last good state) once anything is non-finite.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
+    new_state = TrainState(
+        step=jnp.where(healthy, state.step + 1, state.step),
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        healthy=healthy,
+    )
+    out = {"loss": total, "grad_norm": grad_norm, "healthy": healthy, **terms}
+    return new_state, out
+
+
+# --------------------------------------------------------------------------------------------
+# Data order: a grain iterator over the augmented images, checkpointed with the state
+
+
+def index_iterator(num_items: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless shuffled batches of indices into the precomputed per-image arrays."""
+    dataset = grain.MapDataset.range(num_items).seed(seed).shuffle().repeat().batch(batch_size)
+    return iter(dataset.to_iter_dataset())
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+    signal_name: str | None = None
+
+    def __call__(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: _StopFlag):
+    previous = {s: signal.signal(s, flag) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _compile(step_fn, args, logger_prefix: str = "train step"):
+    """AOT-compile and log compile seconds, FLOPs per step and the memory analysis."""
+    start = time.perf_counter()
+    compiled = step_fn.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    flops = None
+    with contextlib.suppress(Exception):  # cost analysis is best effort on some backends
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        flops = float(cost.get("flops", 0.0)) or None
+    logging.info("%s compiled in %.1f s; %s FLOPs per step", logger_prefix, seconds,
+                 f"{flops:.3e}" if flops else "unknown")
+    with contextlib.suppress(Exception):
+        memory = compiled.memory_analysis()
+        logging.info(
+            "%s memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB",
+            logger_prefix,
+            memory.argument_size_in_bytes / 2**20,
+            memory.output_size_in_bytes / 2**20,
+            memory.temp_size_in_bytes / 2**20,
+        )
+    return compiled, seconds, flops
+
+
+def _meta(config: ml_collections.ConfigDict, step: int, data_state: dict) -> dict[str, Any]:
+    return {"step": step, "data_iterator": data_state, "config": json.loads(config.to_json())}
+
+
+def _host_scalars(out: dict[str, jax.Array]) -> dict[str, Any]:
+    host = jax.device_get(out)
+    scalars = {}
+    for key, value in host.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            scalars[key] = float(value)
+        else:  # per-expert router weights
+            scalars.update({f"{key}/{i}": float(v) for i, v in enumerate(value.reshape(-1))})
+    return scalars
+
+
+def _format_terms(scalars: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if not k.startswith("router"))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
+    """Train one subject; resume from workdir's latest checkpoint if there is one."""
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    sharding.maybe_initialize_distributed(config.multihost)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sharding.check_batch_size(config.train.batch_size, mesh)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    models, frozen = pipeline.build_models(config)
+    subject = pipeline.prepare_subject_features(config, models, frozen, workdir)
+    logging.info("subject: %d training images (with flips)", subject.num_items)
+
+    key = jax.random.key(config.seed)
+    init_key, step_key = jax.random.split(key)
+    trainable = pipeline.init_trainable(init_key, models, config, frozen)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    state = init_train_state(trainable, optimizer)
+
+    # Shardings: frozen weights over "fsdp", trainable state and subject features replicated.
+    replicated = sharding.replicated(mesh)
+    frozen_shardings = sharding.fsdp_shardings(frozen, mesh)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    state = jax.device_put(state, replicated)
+    subject = jax.device_put(subject, replicated)
+    step_key = jax.device_put(step_key, replicated)
+
+    step_fn = jax.jit(
+        functools.partial(train_step, models=models, config=config, optimizer=optimizer),
+        in_shardings=(replicated, frozen_shardings, replicated, sharding.batch_sharding(mesh),
+                      replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+    mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
+    data_iter = index_iterator(subject.num_items, config.train.batch_size, config.seed)
+    restored = checkpoint.restore_latest(mngr, state)
+    if restored is not None:
+        start_step, state, meta = restored
+        data_iter.set_state(meta["data_iterator"])
+        logging.info("resuming from the checkpoint at step %d in %s", start_step, mngr.directory)
+        print(f"Resuming from step {start_step} ({mngr.directory})", flush=True)
+    else:
+        start_step = 0
+
+    local_example = np.zeros((config.train.batch_size,), np.int32)
+    example_indices = sharding.global_batch(
+        local_example[sharding.process_slice(config.train.batch_size)], mesh
+    )
+    compiled, compile_seconds, flops = _compile(
+        step_fn, (state, frozen, subject, example_indices, step_key)
+    )
+    peak = metrics.peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
+    sampler = pipeline.make_sampler(models, config)
+    writer = metrics.MetricsWriter(workdir)
+    writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_step": flops})
+
+    def save(step: int) -> None:
+        checkpoint.save(mngr, step, state, _meta(config, step, data_iter.get_state()))
+
+    def sample(step: int) -> None:
+        grid = sampler(frozen, state.params)
+        if is_main:
+            path = metrics.save_png(workdir / "samples" / f"step_{step}.png", grid)
+            writer.write_image(step, "samples", grid)
+            logging.info("samples written to %s", path)
+
+    progress = _progress_bar(is_main, start_step, config.train.steps)
+    pending: tuple[int, dict[str, jax.Array], float] | None = None
+    stop = _StopFlag()
+    last_time = time.perf_counter()
+    step = start_step
+    try:
+        with _stop_on_signals(stop):
+            while step < config.train.steps and stop.signal_name is None:
+                local = next(data_iter)[sharding.process_slice(config.train.batch_size)]
+                indices = sharding.global_batch(np.asarray(local, np.int32), mesh)
+                state, out = compiled(state, frozen, subject, indices, step_key)
+                step += 1
+                # Read the previous step's metrics while this one runs: no stall in the loop.
+                if pending is not None:
+                    _report(pending, writer, progress, config, flops, peak)
+                now = time.perf_counter()
+                pending = (step, out, now - last_time)
+                last_time = now
+                if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                    _report(pending, writer, progress, config, flops, peak)
+                    pending = None
+                    save(step)
+                if step % config.train.sample_every == 0 or step == config.train.steps:
+                    sample(step)
+            if pending is not None:
+                _report(pending, writer, progress, config, flops, peak)
+                pending = None
+        if stop.signal_name is not None:
+            save(step)
+            mngr.wait_until_finished()
+            print(
+                f"Received {stop.signal_name}: saved a checkpoint at step {step}; "
+                "rerun the same command to resume.",
+                flush=True,
+            )
+            return
+        if is_main:
+            exported = pipeline.export_trainable(
+                state.params, workdir / "idfuse_weights.safetensors", config
+            )
+            size = exported.stat().st_size
+            print(f"Exported trainable weights: {exported} ({size / 2**20:.2f} MiB)", flush=True)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+        progress.close()
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _report(pending, writer, progress, config, flops, peak) -> None:
+    """Fetch one step's metrics, stop on non-finite values, log and advance the progress bar."""
+    step, out, seconds = pending
+    scalars = _host_scalars(out)
+    if not scalars.pop("healthy"):
+        terms = _format_terms(scalars)
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step} ({terms}); stopped, the last good "
+            "checkpoint is kept"
+        )
+    scalars["learning_rate"] = float(learning_rate_schedule(config.optim, config.train.steps)(step - 1))
+    scalars["step_seconds"] = seconds
+    scalars["steps_per_second"] = 1.0 / seconds if seconds > 0 else math.inf
+    if flops:
+        tflops = flops / seconds / 1e12  # cost analysis of the partitioned program: per device
+        scalars["tflops_per_device"] = tflops
+        scalars["mfu"] = tflops / peak if peak else None
+    if step % config.train.log_every == 0 or step == config.train.steps:
+        writer.write(step, scalars)
+    progress.set_postfix(loss=f"{scalars['loss']:.4f}", steps_per_s=f"{scalars['steps_per_second']:.2f}")
+    progress.update(1)
