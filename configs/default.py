@@ -94,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.sample_every = 250  # sample grid in workdir/samples/step_N.png (and at the end)
     c.train.peak_tflops_per_device = 0.0  # for MFU; 0 looks the device kind up (None if unknown)
-    c.train.inject_nan_at_step = -1  # testing aid: make the loss NaN at this step
+    c.train.inject_nan_at_step = -1  # testing aid: make the loss NaN at this step (1-based)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = (

@@ -51,7 +51,7 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:

@@ -153,10 +153,14 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
 def pretrained_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Params]]:
     """Models loaded from the diffusers pipeline folder and the CLIP image-encoder folder."""
     dtype = DTYPES[config.model.dtype]
-    sd = _existing_folder(config.model.pretrained, "model.pretrained",
-                          "a diffusers Stable Diffusion pipeline folder")
-    image_dir = _existing_folder(config.model.image_encoder, "model.image_encoder",
-                                 "a transformers CLIP vision (or CLIPModel) folder")
+    sd = _existing_folder(
+        config.model.pretrained, "model.pretrained", "a diffusers Stable Diffusion pipeline folder"
+    )
+    image_dir = _existing_folder(
+        config.model.image_encoder,
+        "model.image_encoder",
+        "a transformers CLIP vision (or CLIPModel) folder",
+    )
     unet_model, unet_params = weights.load_unet(sd, dtype=dtype, remat=config.model.remat)
     vae_model, vae_params = weights.load_vae(sd, dtype=dtype)
     text_model, text_params = weights.load_clip_text(sd, dtype=dtype)
@@ -242,7 +246,9 @@ def merged_params(
     merge = lambda base, factors: (
         lora.lora_merge(base, factors, m.lora_alpha, m.lora_rank) if factors else base
     )
-    return merge(frozen["unet"], trainable["unet_lora"]), merge(frozen["text"], trainable["text_lora"])
+    return merge(frozen["unet"], trainable["unet_lora"]), merge(
+        frozen["text"], trainable["text_lora"]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +362,9 @@ def training_loss(
     mean, logvar = subject.latent_mean[indices], subject.latent_logvar[indices]
     split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
     sample_normal = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))
-    latents = models.vae.config.to_latents(mean + jnp.exp(0.5 * logvar) * sample_normal(split[:, 0]))
+    latents = models.vae.config.to_latents(
+        mean + jnp.exp(0.5 * logvar) * sample_normal(split[:, 0])
+    )
     noise = sample_normal(split[:, 1])
     num_t = models.schedule.num_train_timesteps
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_t))(split[:, 2])
@@ -471,8 +479,11 @@ def _torch_key(path: Sequence[str]) -> str:
     return ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in path)
 
 
-def export_trainable(trainable: dict[str, Params], path: str | pathlib.Path,
-                     config: ml_collections.ConfigDict | None = None) -> pathlib.Path:
+def export_trainable(
+    trainable: dict[str, Params],
+    path: str | pathlib.Path,
+    config: ml_collections.ConfigDict | None = None,
+) -> pathlib.Path:
     """The trained weights alone as one safetensors file.
 
     LoRA factors use diffusers/peft names (`unet.<module>.lora_A.weight` [r, in],

@@ -109,7 +109,8 @@ class GrabCut:
 
     border: float = 0.04
     iterations: int = 5
-    work_size: int = 512
+    # On DreamBench, 256 px segments as well as or better than 384-512 px, 3-4x faster.
+    work_size: int = 256
 
     @property
     def key(self) -> str:
@@ -363,6 +364,41 @@ def _write_manifest(out_dir: pathlib.Path, entries: dict[str, dict]) -> None:
     os.replace(tmp, out_dir / MANIFEST)
 
 
+def _cache_key(settings: str, path: pathlib.Path, given: pathlib.Path | None) -> str:
+    """What the outputs for one photo depend on: methods, photo bytes, given mask bytes."""
+    h = hashlib.sha256(settings.encode())
+    h.update(path.read_bytes())
+    h.update(given.read_bytes() if given else b"")
+    return h.hexdigest()
+
+
+def _output_paths(out_dir: pathlib.Path, stem: str) -> tuple[pathlib.Path, pathlib.Path]:
+    return out_dir / MASKS_DIR / f"{stem}.png", out_dir / BACKGROUNDS_DIR / f"{stem}.png"
+
+
+def _prepare_one(
+    path: pathlib.Path,
+    given: pathlib.Path | None,
+    segment: Segmenter | None,
+    inpainter: Inpainter,
+    min_size: int,
+    outputs: tuple[pathlib.Path, pathlib.Path],
+) -> None:
+    """Mask and background of one photo, written to `outputs`."""
+    image = read_image(path, min_size)
+    mask = read_mask(given, image.shape[:2]) if given else segment(image)
+    if mask.mean() < _TINY_MASK:
+        log.warning(
+            "%s: the mask covers %.1f%% of the photo (failed segmentation?); see %s",
+            path,
+            100 * mask.mean(),
+            outputs[0].parent.parent / PREVIEW,
+        )
+    background = inpainter(image, mask)
+    _write_png(outputs[0], mask.astype(np.uint8) * 255)
+    _write_png(outputs[1], np.asarray(background, np.uint8))
+
+
 def prepare_subject(
     folder: PathLike,
     out_dir: PathLike,
@@ -392,34 +428,29 @@ def prepare_subject(
 
     old = _read_manifest(out_dir)
     entries, processed, skipped = {}, [], []
-    for path in tqdm.tqdm(paths, desc=folder.name, unit="img", disable=not progress):
-        given = find_sibling(folder / MASKS_DIR, path.stem) if use_given else None
-        if given is None and segment is None:
-            raise DataError(f"{path}: no mask in {folder / MASKS_DIR} (masks='given')")
-        h = hashlib.sha256(settings.encode())
-        h.update(path.read_bytes())
-        h.update(given.read_bytes() if given else b"")
-        key = h.hexdigest()
-        name = f"{path.stem}.png"
-        entry = {"key": key, "source": path.name, "mask": "given" if given else "computed"}
-        entries[path.stem] = entry
-        outputs = (out_dir / MASKS_DIR / name, out_dir / BACKGROUNDS_DIR / name)
-        if old.get(path.stem, {}).get("key") == key and all(p.is_file() for p in outputs):
-            skipped.append(path.stem)
-            continue
-        image = read_image(path, min_size)
-        mask = read_mask(given, image.shape[:2]) if given else segment(image)
-        if mask.mean() < _TINY_MASK:
-            log.warning(
-                "%s: the mask covers %.1f%% of the photo; check %s",
-                path,
-                100 * mask.mean(),
-                out_dir / PREVIEW,
-            )
-        background = inpainter(image, mask)
-        _write_png(outputs[0], mask.astype(np.uint8) * 255)
-        _write_png(outputs[1], np.asarray(background, np.uint8))
-        processed.append(path.stem)
+    try:
+        for path in tqdm.tqdm(paths, desc=folder.name, unit="img", disable=not progress):
+            given = find_sibling(folder / MASKS_DIR, path.stem) if use_given else None
+            if given is None and segment is None:
+                raise DataError(f"{path}: no mask in {folder / MASKS_DIR} (masks='given')")
+            entry = {
+                "key": _cache_key(settings, path, given),
+                "source": path.name,
+                "mask": "given" if given else "computed",
+            }
+            outputs = _output_paths(out_dir, path.stem)
+            if old.get(path.stem, {}).get("key") == entry["key"] and all(
+                p.is_file() for p in outputs
+            ):
+                skipped.append(path.stem)
+            else:
+                _prepare_one(path, given, segment, inpainter, min_size, outputs)
+                processed.append(path.stem)
+            entries[path.stem] = entry
+    except BaseException:
+        if processed:  # keep the finished work: a rerun skips it
+            _write_manifest(out_dir, {**old, **entries})
+        raise
 
     for stem in set(old) - set(entries):  # photos removed from the input since the last run
         for sub in (MASKS_DIR, BACKGROUNDS_DIR):
@@ -452,6 +483,16 @@ def prepare_dreambench(
     _check_outside(root, out_dir)
     bench = dreambench.read_benchmark(root, subjects)
     return {s: prepare_subject(root / s, out_dir / s, **kwargs) for s in bench.subjects}
+
+
+def _user_errors() -> tuple[type[ValueError], ...]:
+    """The errors that mean bad input (imported lazily: most pull in JAX)."""
+    from idfuse_jax.diffusion import ScheduleConfigError
+    from idfuse_jax.models.clip import ModelConfigError
+    from idfuse_jax.tokenizer import TokenizerError
+    from idfuse_jax.weights import WeightsError
+
+    return (DataError, WeightsError, TokenizerError, ScheduleConfigError, ModelConfigError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -490,9 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             results = {root.name: prepare_subject(root, args.out, **kwargs)}
     except ValueError as e:
-        from idfuse_jax.weights import WeightsError  # lazily: it imports flax
-
-        if not isinstance(e, DataError | WeightsError):
+        if not isinstance(e, _user_errors()):
             raise  # a bug: keep the traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh
 
 from idfuse_jax import checkpoint, config_lib, metrics, pipeline, sharding
 from idfuse_jax.errors import NonFiniteError
@@ -110,7 +109,8 @@ def train_step(
         total, terms = pipeline.training_loss(
             models, config, frozen, trainable, subject, indices, keys
         )
-        total = jnp.where(state.step == config.train.inject_nan_at_step, jnp.nan, total)
+        # Testing aid: step k is the k-th update, taken from state.step == k - 1.
+        total = jnp.where(state.step + 1 == config.train.inject_nan_at_step, jnp.nan, total)
         return total, terms
 
     (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -174,8 +174,12 @@ def _compile(step_fn, args, logger_prefix: str = "train step"):
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         flops = float(cost.get("flops", 0.0)) or None
-    logging.info("%s compiled in %.1f s; %s FLOPs per step", logger_prefix, seconds,
-                 f"{flops:.3e}" if flops else "unknown")
+    logging.info(
+        "%s compiled in %.1f s; %s FLOPs per step",
+        logger_prefix,
+        seconds,
+        f"{flops:.3e}" if flops else "unknown",
+    )
     with contextlib.suppress(Exception):
         memory = compiled.memory_analysis()
         logging.info(
@@ -240,8 +244,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     step_fn = jax.jit(
         functools.partial(train_step, models=models, config=config, optimizer=optimizer),
-        in_shardings=(replicated, frozen_shardings, replicated, sharding.batch_sharding(mesh),
-                      replicated),
+        in_shardings=(
+            replicated,
+            frozen_shardings,
+            replicated,
+            sharding.batch_sharding(mesh),
+            replicated,
+        ),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
@@ -344,7 +353,9 @@ def _report(pending, writer, progress, config, flops, peak) -> None:
             f"non-finite loss or gradient at step {step} ({terms}); stopped, the last good "
             "checkpoint is kept"
         )
-    scalars["learning_rate"] = float(learning_rate_schedule(config.optim, config.train.steps)(step - 1))
+    scalars["learning_rate"] = float(
+        learning_rate_schedule(config.optim, config.train.steps)(step - 1)
+    )
     scalars["step_seconds"] = seconds
     scalars["steps_per_second"] = 1.0 / seconds if seconds > 0 else math.inf
     if flops:
@@ -353,5 +364,7 @@ def _report(pending, writer, progress, config, flops, peak) -> None:
         scalars["mfu"] = tflops / peak if peak else None
     if step % config.train.log_every == 0 or step == config.train.steps:
         writer.write(step, scalars)
-    progress.set_postfix(loss=f"{scalars['loss']:.4f}", steps_per_s=f"{scalars['steps_per_second']:.2f}")
+    progress.set_postfix(
+        loss=f"{scalars['loss']:.4f}", steps_per_s=f"{scalars['steps_per_second']:.2f}"
+    )
     progress.update(1)

@@ -128,9 +128,9 @@ def read_safetensors(folder: PathLike) -> dict[str, np.ndarray]:
         if torch_files:
             raise WeightsError(
                 f"{folder}: holds only PyTorch pickle weights ({', '.join(torch_files)}); "
-                "convert once with torch installed: `python -c \"import sys, transformers; "
+                'convert once with torch installed: `python -c "import sys, transformers; '
                 "m = transformers.AutoModel.from_pretrained(sys.argv[1]); "
-                "m.save_pretrained(sys.argv[1], safe_serialization=True)\" FOLDER` "
+                'm.save_pretrained(sys.argv[1], safe_serialization=True)" FOLDER` '
                 "(diffusers models: the model class's from_pretrained / save_pretrained likewise)"
             )
         raise WeightsError(f"{folder}: no *.safetensors weight files")

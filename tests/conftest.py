@@ -12,8 +12,8 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Compiles are slow on 2 cores; a persistent cache makes reruns and repeated shapes cheap.
@@ -30,4 +30,3 @@ def dreambooth_dir() -> pathlib.Path:
     if not DREAMBOOTH.is_dir():
         pytest.fail(f"shared DreamBooth data not found at {DREAMBOOTH}")
     return DREAMBOOTH
-

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -125,6 +126,17 @@ def test_only_changed_photos_are_redone(synthetic_dir, tmp_path):
     # Other settings are other work: everything is redone.
     redo = prepare_subject(subject, out, masks=GrabCut(iterations=3), progress=False)
     assert redo.processed == ("00", "01", "02")
+
+
+def test_interrupted_run_keeps_finished_work(tmp_path):
+    write_synthetic_subject(tmp_path / "subj", 3, RES, seed=0)
+    good = (tmp_path / "subj" / "02.png").read_bytes()
+    (tmp_path / "subj" / "02.png").write_bytes(good[:100])  # truncated
+    with pytest.raises(DataError, match=r"02\.png: unreadable or truncated image"):
+        prepare_subject(tmp_path / "subj", tmp_path / "out", progress=False)
+    (tmp_path / "subj" / "02.png").write_bytes(good)
+    result = prepare_subject(tmp_path / "subj", tmp_path / "out", progress=False)
+    assert result.processed == ("02",) and result.skipped == ("00", "01")
 
 
 def test_given_masks_are_used(tmp_path):
@@ -295,3 +307,113 @@ def test_cli_module_exit_status(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'empty'}: no images (JPEG, PNG or WebP)"
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# SD inpainting backend: parity with diffusers' StableDiffusionInpaintPipeline (tiny, random)
+
+SD_SIDE = 16  # photo side given to the model (VAE x2, UNet x4 -> granularity 8)
+
+
+@pytest.fixture(scope="module")
+def sd_inpaint_folder(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from test_tokenizer import write_tokenizer
+
+    root = tmp_path_factory.mktemp("sdinpaint")
+    tok_dir = write_tokenizer(root / "tok", pad_token="<|endoftext|>")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=9, out_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1, attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+        sample_size=SD_SIDE,
+    )  # fmt: skip
+    text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+            vocab_size=len(tokenizer), max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(str(root / "pipe"), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # real pipelines ship them; transformers 5 may not
+        if not (root / "pipe" / "tokenizer" / name).exists():
+            shutil.copy(tok_dir / name, root / "pipe" / "tokenizer" / name)
+    return root / "pipe", pipe
+
+
+@pytest.mark.slow
+def test_sd_inpainting_matches_diffusers(sd_inpaint_folder, monkeypatch):
+    import torch
+    from diffusers.models.autoencoders import vae as torch_vae
+    from parity_utils import nhwc_to_nchw, rel_err
+
+    from idfuse_jax.data.sd_inpaint import SDInpainter
+
+    folder, pipe = sd_inpaint_folder
+    inpainter = SDInpainter(folder, steps=3, size=SD_SIDE, seed=5)
+    image, mask, _ = (a[0] for a in write_synthetic_subject(folder.parent / "photo", 1, SD_SIDE, 0))
+    ours = inpainter.generate(image / 127.5 - 1, mask.astype(np.float32))
+    # The reference, fed the same starting noise; the masked photo's latent is the posterior
+    # mean on our side, so make diffusers take the mean too.
+    monkeypatch.setattr(
+        torch_vae.DiagonalGaussianDistribution, "sample", lambda self, *_, **__: self.mean
+    )
+    shape = (1, SD_SIDE // 2, SD_SIDE // 2, 4)
+    import jax
+
+    noise = np.asarray(jax.random.normal(jax.random.key(5), shape))
+    ref = pipe(
+        prompt="background", negative_prompt="", image=Image.fromarray(image),
+        mask_image=Image.fromarray(mask * 255), height=SD_SIDE, width=SD_SIDE,
+        num_inference_steps=3, guidance_scale=7.5, output_type="np",
+        latents=torch.from_numpy(nhwc_to_nchw(noise).copy()),
+    ).images[0]  # fmt: skip
+    err = rel_err(np.clip((ours + 1) / 2, 0, 1), ref)
+    assert err < 1e-4, err  # measured 1.4e-6
+
+
+@pytest.mark.slow
+def test_sd_inpainting_in_prepare(sd_inpaint_folder, synthetic_dir, tmp_path):
+    from idfuse_jax.data.sd_inpaint import SDInpainter
+
+    folder, _ = sd_inpaint_folder
+    subject, (images, masks, _) = synthetic_dir
+    inpainter = SDInpainter(folder, steps=2, size=SD_SIDE)
+    result = prepare_subject(subject, tmp_path / "out", inpaint=inpainter, progress=False)
+    assert len(result.processed) == 4
+    got = load_subject(subject, RES, prepared_dir=tmp_path / "out")
+    hole = np.stack([dilate(m, dilation_pixels(m.shape, inpainter.dilate)) for m in masks])
+    np.testing.assert_array_equal(got.backgrounds[hole == 0], images[hole == 0])
+    assert np.abs(got.backgrounds.astype(int) - images)[masks > 0].mean() > 10
+    again = prepare_subject(subject, tmp_path / "out", inpaint=inpainter, progress=False)
+    assert again.processed == ()
+
+
+def test_sd_inpainting_needs_nine_channels(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 4}))
+    with pytest.raises(DataError, match="UNet has in_channels 4; SD inpainting needs"):
+        prepare_subject(
+            write_synthetic_subject(tmp_path / "s", 1, 16, 0) and tmp_path / "s",
+            tmp_path / "o", inpaint="sd", inpaint_model=tmp_path,
+        )  # fmt: skip

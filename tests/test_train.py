@@ -1,0 +1,248 @@
+"""The training program end to end, run as users run it: `python -m idfuse_jax.train ...`.
+
+Each run is a subprocess (its own device count, signals, exit code); all share the persistent
+compilation cache, so repeated shapes compile once.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.py")
+# A short run: 3 steps, a checkpoint each step, a 2-step sampler at the end.
+SHORT = (
+    "--config.train.steps=3",
+    "--config.train.checkpoint_every=1",
+    "--config.train.keep_checkpoints=3",
+    "--config.sample.num_steps=2",
+)
+TERMS = (
+    "loss",
+    "l1",
+    "l1_full",
+    "l1_text_only",
+    "l2",
+    "l3",
+    "l4",
+    "grad_norm",
+    "learning_rate",
+    "router_entropy",
+    "router_weight/0",
+    "step_seconds",
+)
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(REPO / ".jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env
+
+
+def _command(workdir, *overrides, config=TINY) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "idfuse_jax.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+
+
+def train(workdir, *overrides, devices: int = 8, config=TINY) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _command(workdir, *overrides, config=config),
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(workdir) -> list[dict]:
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+    return [r for r in rows if "loss" in r]
+
+
+def exported(workdir) -> dict[str, np.ndarray]:
+    return load_file(str(pathlib.Path(workdir) / "idfuse_weights.safetensors"))
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(
+        int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit()
+    )
+
+
+def last_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[-1]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The README's main command: configs/tiny.py as it is, on 8 devices."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    result = ok(train(workdir))
+    return workdir, result
+
+
+def test_tiny_run_leaves_everything(tiny_run):
+    workdir, result = tiny_run
+    assert checkpoint_steps(workdir) == [30, 60]
+    rows = metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    for term in TERMS:
+        assert all(np.isfinite(r[term]) for r in rows), term
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    sample = workdir / "samples" / "step_60.png"
+    from PIL import Image
+
+    with Image.open(sample) as image:  # one 32 px image per validation prompt, in a row
+        assert image.size == (4 * 32, 32)
+    weights = exported(workdir)
+    assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in weights)
+    assert any(k.startswith("text_encoder.text_model.") for k in weights)
+    assert any(k.startswith("idfuse.ffm.") for k in weights)
+    assert "Exported trainable weights" in result.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["steps"] == 60
+
+
+def test_tiny_run_loss_goes_down(tiny_run):
+    workdir, _ = tiny_run
+    losses = np.array([r["loss"] for r in metrics(workdir)])
+    first, last = losses[:10].mean(), losses[-10:].mean()
+    assert last < 0.9 * first, (first, last)
+
+
+@pytest.fixture(scope="module")
+def three_steps_sharded(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sharded")
+    ok(train(workdir, *SHORT, "--config.mesh.data=2", "--config.mesh.fsdp=4"))
+    return workdir
+
+
+def test_sharded_mesh_matches_one_device(three_steps_sharded, tmp_path):
+    ok(train(tmp_path, *SHORT, "--config.mesh.data=1", "--config.mesh.fsdp=1", devices=1))
+    sharded, single = metrics(three_steps_sharded), metrics(tmp_path)
+    for term in ("loss", "l1", "l2", "l3", "l4", "grad_norm"):
+        np.testing.assert_allclose(
+            [r[term] for r in sharded],
+            [r[term] for r in single],
+            rtol=1e-4,
+            atol=1e-6,
+            err_msg=term,
+        )
+    a, b = exported(three_steps_sharded), exported(tmp_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_resume_equals_straight_run(three_steps_sharded, tmp_path_factory):
+    straight = tmp_path_factory.mktemp("straight")
+    six = ("--config.train.steps=6", "--config.mesh.data=2", "--config.mesh.fsdp=4")
+    ok(train(straight, *SHORT, *six))
+    resumed = ok(train(three_steps_sharded, *SHORT, *six))
+    assert "Resuming from step 3" in resumed.stdout
+    a, b = exported(straight), exported(three_steps_sharded)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert [r["loss"] for r in metrics(straight)] == [
+        r["loss"] for r in metrics(three_steps_sharded)
+    ]
+
+
+def test_sigterm_saves_and_rerun_continues(tmp_path):
+    process = subprocess.Popen(
+        _command(
+            tmp_path, *SHORT, "--config.train.steps=100000", "--config.train.checkpoint_every=1000"
+        ),
+        env=_env(8),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (tmp_path / "metrics.jsonl").is_file() and len(metrics(tmp_path)) >= 2:
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Received SIGTERM" in stdout
+    (step,) = checkpoint_steps(tmp_path)
+    assert step >= 2
+    rerun = ok(train(tmp_path, *SHORT, f"--config.train.steps={step + 2}"))
+    assert f"Resuming from step {step}" in rerun.stdout
+    assert checkpoint_steps(tmp_path)[-1] == step + 2
+
+
+def test_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    result = train(
+        tmp_path,
+        *SHORT,
+        "--config.train.steps=6",
+        "--config.train.checkpoint_every=2",
+        "--config.train.inject_nan_at_step=5",
+    )
+    assert result.returncode == 1
+    line = last_error_line(result)
+    assert "non-finite loss or gradient at step 5" in line
+    assert "l1=" in line and "l4=" in line
+    assert checkpoint_steps(tmp_path) == [2, 4]
+    assert not (tmp_path / "idfuse_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("--config.train.bogus=1",), "unknown config key 'bogus'"),
+        (("--config.data.instance_dir=/nonexistent/photos",), "/nonexistent/photos"),
+        (
+            ("--config.model.pretrained=/nonexistent/sd", "--config.model.image_encoder=/tmp"),
+            "config.model.pretrained='/nonexistent/sd': folder not found",
+        ),
+        (("--config.model.dtype=float16",), "config.model.dtype='float16'"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, overrides, message):
+    result = train(tmp_path, *overrides, devices=1)
+    assert result.returncode != 0
+    assert message in last_error_line(result)
+
+
+def test_empty_instance_folder_is_one_line_error(tmp_path):
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    result = train(tmp_path / "run", f"--config.data.instance_dir={empty}", devices=1)
+    assert result.returncode != 0
+    assert str(empty) in last_error_line(result)
