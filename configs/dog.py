@@ -17,6 +17,10 @@ Run (one device; on N devices also set --config.train.batch_size to a multiple o
       --config.model.image_encoder=weights/clip-vit-h-14 \
       --config.data.instance_dir=data/dreambooth/dog
 
+Variants: `configs/dog.py:SUBJECT[,CLASS]` trains another DreamBench subject, e.g.
+`--config configs/dog.py:cat2,cat` or `--config configs/dog.py:teapot,teapot` (objects get
+DisenBooth's 2000 steps instead of 1000).
+
 What to expect: masks and backgrounds are prepared once (runs/dog/prepared/, with preview.png),
 then 1000 steps at batch 1 (DisenBooth's recipe), loss terms in runs/dog/metrics.jsonl and
 TensorBoard, sample grids of the dog in new scenes in runs/dog/samples/step_N.png every 250 steps,
@@ -27,15 +31,19 @@ diffusion term and drifts down only slowly; judge the run by the samples.
 
 from idfuse_jax.config_lib import sibling_module
 
+LIVE_CLASSES = ("dog", "cat")
 
-def get_config():
+
+def get_config(arg: str | None = None):
+    subject, _, class_name = (arg or "dog").partition(",")
+    class_name = class_name or "dog"
     c = sibling_module(__file__, "default").get_config()
     c.model.pretrained = "weights/sd21-base"
     c.model.image_encoder = "weights/clip-vit-h-14"
     c.model.dtype = "bfloat16"
-    c.data.instance_dir = "data/dreambooth/dog"
-    c.data.class_name = "dog"
+    c.data.instance_dir = f"data/dreambooth/{subject}"
+    c.data.class_name = class_name
     c.data.resolution = 512
-    c.train.steps = 1000
+    c.train.steps = 1000 if class_name in LIVE_CLASSES else 2000
     c.train.batch_size = 1
     return c

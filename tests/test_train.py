@@ -246,3 +246,19 @@ def test_empty_instance_folder_is_one_line_error(tmp_path):
     result = train(tmp_path / "run", f"--config.data.instance_dir={empty}", devices=1)
     assert result.returncode != 0
     assert str(empty) in last_error_line(result)
+
+
+def test_photo_folder_is_prepared_once_under_workdir(tmp_path, dreambooth_dir):
+    photos = dreambooth_dir / "dog"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in photos.rglob("*"))
+    one_step = (*SHORT, f"--config.data.instance_dir={photos}", "--config.data.min_size=0")
+    ok(train(tmp_path, *one_step, "--config.train.steps=1"))
+    prepared = tmp_path / "prepared"
+    stems = sorted(p.stem for p in photos.glob("*.jpg"))
+    assert sorted(p.stem for p in (prepared / "masks").glob("*.png")) == stems
+    assert sorted(p.stem for p in (prepared / "backgrounds").glob("*.png")) == stems
+    assert (prepared / "preview.png").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (prepared / "masks").glob("*.png")}
+    ok(train(tmp_path, *one_step, "--config.train.steps=2"))  # resumes; nothing prepared again
+    assert {p: p.stat().st_mtime_ns for p in (prepared / "masks").glob("*.png")} == stamps
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in photos.rglob("*")) == before

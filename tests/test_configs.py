@@ -1,0 +1,107 @@
+"""Config files, config validation, and the mesh/sharding rules (no compilation)."""
+
+import pathlib
+import re
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from idfuse_jax import config_lib, sharding
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(name, arg=None):
+    module = config_lib.sibling_module(str(CONFIG_DIR / "default.py"), name)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def test_tiny_and_dog_configs_validate():
+    config_lib.validate(load("tiny"))
+    config_lib.validate(load("dog"))
+
+
+def test_dog_variants_pick_subject_class_and_steps():
+    cat = load("dog", "cat2,cat")
+    assert cat.data.instance_dir.endswith("dreambooth/cat2")
+    assert (cat.data.class_name, cat.train.steps) == ("cat", 1000)
+    teapot = load("dog", "teapot,teapot")
+    assert (teapot.data.class_name, teapot.train.steps) == ("teapot", 2000)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("method.background", "both", "config.method.background='both' is not one of"),
+        ("loss.text_pool", "max", "config.loss.text_pool='max'"),
+        ("train.batch_size", 0, "config.train.batch_size=0 must be a positive integer"),
+        ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0 must be a non-negative"),
+        ("data.instance_dir", "", "config.data.instance_dir is empty"),
+        ("data.inpaint", "sd", "config.data.inpaint='sd' needs config.data.inpaint_model"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+    config = load("tiny")
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.validate(config)
+
+
+def test_pretrained_needs_image_encoder():
+    config = load("tiny")
+    config.model.pretrained = "/somewhere"
+    with pytest.raises(
+        config_lib.ConfigError, match=re.escape("config.model.image_encoder is empty")
+    ):
+        config_lib.validate(config)
+
+
+def test_config_is_locked_against_unknown_keys():
+    config = load("tiny")
+    config.lock()
+    with pytest.raises(AttributeError):
+        config.train.bogus = 1
+
+
+@pytest.mark.parametrize(
+    ("data", "fsdp", "devices", "expected"),
+    [(-1, 1, 8, (8, 1)), (2, 4, 8, (2, 4)), (2, -1, 8, (2, 4)), (1, 1, 1, (1, 1))],
+)
+def test_mesh_shape(data, fsdp, devices, expected):
+    assert sharding.mesh_shape(data, fsdp, devices) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "fsdp", "message"),
+    [(3, -1, "does not divide"), (2, 2, "4 devices, but 8"), (-1, -1, "cannot both be -1")],
+)
+def test_bad_mesh_is_refused(data, fsdp, message):
+    with pytest.raises(sharding.MeshError, match=message):
+        sharding.mesh_shape(data, fsdp, 8)
+
+
+def test_fsdp_spec_splits_largest_divisible_dimension():
+    assert sharding.fsdp_spec((3, 3, 320, 640), 4) == PartitionSpec(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((1280, 320), 4) == PartitionSpec("fsdp", None)
+    assert sharding.fsdp_spec((77, 3), 4) == PartitionSpec()  # nothing divides: replicated
+    assert sharding.fsdp_spec((1024,), 1) == PartitionSpec()
+
+
+def test_fsdp_shardings_place_shards_on_devices():
+    mesh = sharding.make_mesh(2, 4)
+    tree = {"kernel": np.zeros((8, 12), np.float32), "bias": np.zeros((3,), np.float32)}
+    placed = jax.device_put(tree, sharding.fsdp_shardings(tree, mesh))
+    assert placed["kernel"].addressable_shards[0].data.shape == (8, 3)
+    assert placed["bias"].addressable_shards[0].data.shape == (3,)
+
+
+def test_batch_must_divide_over_mesh():
+    mesh = sharding.make_mesh(2, 4)
+    sharding.check_batch_size(16, mesh)
+    with pytest.raises(
+        sharding.MeshError, match=re.escape("train.batch_size=1 is not divisible by the 8")
+    ):
+        sharding.check_batch_size(1, mesh)
