@@ -175,7 +175,7 @@ def _compile(step_fn, args, logger_prefix: str = "train step"):
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         flops = float(cost.get("flops", 0.0)) or None
     logging.info(
-        "%s compiled in %.1f s; %s FLOPs per step",
+        "%s compiled in %.1f s; %s FLOPs per step per device",
         logger_prefix,
         seconds,
         f"{flops:.3e}" if flops else "unknown",
@@ -276,7 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     peak = metrics.peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
     sampler = pipeline.make_sampler(models, config)
     writer = metrics.MetricsWriter(workdir)
-    writer.write(start_step, {"compile_seconds": compile_seconds, "flops_per_step": flops})
+    writer.write(
+        start_step, {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops}
+    )
 
     def save(step: int) -> None:
         checkpoint.save(mngr, step, state, _meta(config, step, data_iter.get_state()))
@@ -316,7 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 _report(pending, writer, progress, config, flops, peak)
                 pending = None
         if stop.signal_name is not None:
-            save(step)
+            if mngr.latest_step() != step:
+                save(step)
             mngr.wait_until_finished()
             print(
                 f"Received {stop.signal_name}: saved a checkpoint at step {step}; "
