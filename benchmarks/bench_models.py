@@ -6,7 +6,7 @@ loaders, so both sides do identical work on identical weights. Per op: median wa
 apart; torch: eager, forwards under `torch.inference_mode`), memory, and the relative error
 between the two outputs (a sanity check; --size small fails above 1e-4).
 
-  python benchmarks/bench_models.py --size small             # 2-core CPU: about 2 minutes
+  python benchmarks/bench_models.py --size small             # idle 2-core CPU: about 20 s
   python benchmarks/bench_models.py --size sd --device cuda  # SD 1.5 shapes, 512 px, on a GPU
   python benchmarks/bench_models.py --size sd2 --device cuda # SD 2.1 shapes (OpenCLIP-H text)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -292,7 +293,7 @@ def subject_images(
     return subject.images, subject.backgrounds
 
 
-def _clip_pixels(images: np.ndarray, image_size: int) -> np.ndarray:
+def clip_pixels(images: np.ndarray, image_size: int) -> np.ndarray:
     return np.stack(
         [clip.preprocess_image(x, resize_to=image_size, crop_to=image_size) for x in images]
     )
@@ -315,8 +316,8 @@ def prepare_subject_features(
     # One image at a time: a single compiled shape, and memory bounded at 512 px.
     moments = [encode(frozen["vae"], images_lib.to_model(x[None])) for x in images]
     size = models.image_encoder.config.image_size
-    image_embeds = [embed(frozen["image"], _clip_pixels(x[None], size)) for x in images]
-    background_embeds = [embed(frozen["image"], _clip_pixels(x[None], size)) for x in backgrounds]
+    image_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in images]
+    background_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in backgrounds]
     prompt = config.data.prompt.format(token=config.data.token, class_name=config.data.class_name)
     return SubjectFeatures(
         latent_mean=jnp.concatenate([m[0] for m in moments]).astype(jnp.float32),
@@ -422,13 +423,28 @@ def generate(
     prompt_ids: jax.Array,
     null_ids: jax.Array,
     key: jax.Array,
+    reference_embeds: jax.Array | None = None,
 ) -> jax.Array:
     """Images [P, R, R, 3] in [-1, 1] for token ids [P, T], conditioned on FFM(E_T(prompt)) with
-    classifier-free guidance against FFM(E_T(""))."""
+    classifier-free guidance against FFM(E_T("")).
+
+    With `reference_embeds` ([1, D_img], E_I of a reference photo) the conditioning is
+    FFM(E_T(prompt) + A(E_I(reference))): the background-preserving variant.
+    """
     unet_params, text_params = merged_params(frozen, trainable, config)
     encode = lambda ids: models.text_encoder.apply({"params": text_params}, ids).last_hidden_state
     n = prompt_ids.shape[0]
-    cond, _ = conditioning.text_conditioning(models.idfuse, trainable["idfuse"], encode(prompt_ids))
+    if reference_embeds is None:
+        cond, _ = conditioning.text_conditioning(
+            models.idfuse, trainable["idfuse"], encode(prompt_ids)
+        )
+    else:
+        cond, _ = conditioning.reference_conditioning(
+            models.idfuse,
+            trainable["idfuse"],
+            encode(prompt_ids),
+            jnp.broadcast_to(reference_embeds, (n, reference_embeds.shape[-1])),
+        )
     uncond, _ = conditioning.text_conditioning(models.idfuse, trainable["idfuse"], encode(null_ids))
     context = jnp.concatenate([cond, jnp.broadcast_to(uncond, cond.shape)])
     guidance = config.sample.guidance_scale
@@ -472,11 +488,31 @@ def make_sampler(models: Models, config: ml_collections.ConfigDict):
 # Export
 
 
+_LORA_PREFIXES = {"unet_lora": "unet.", "text_lora": "text_encoder.text_model."}
+_LORA_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}
+
+
 def _torch_key(path: Sequence[str]) -> str:
     """('down_blocks_0', 'attentions_1', 'to_out_0') -> 'down_blocks.0.attentions.1.to_out.0'."""
-    import re
-
     return ".".join(re.sub(r"_(\d+)$", r".\1", part) for part in path)
+
+
+def export_names(trainable: dict[str, Params]) -> dict[tuple[str, ...], tuple[str, bool]]:
+    """Trainable-tree path -> (name in the exported file, stored transposed?).
+
+    LoRA factors get diffusers/peft names (`unet.<module>.lora_A.weight` [r, in],
+    `lora_B.weight` [out, r]; `text_encoder.text_model.<module>...`), the adapter and FFM
+    `idfuse.<flax path>`.
+    """
+    names = {}
+    for path in traverse_util.flatten_dict(dict(trainable)):
+        part, module, leaf = path[0], path[1:-1], path[-1]
+        if part in _LORA_PREFIXES:
+            name = f"{_LORA_PREFIXES[part]}{_torch_key(module)}.{_LORA_NAMES[leaf]}.weight"
+            names[path] = (name, True)
+        else:
+            names[path] = (".".join(path), False)
+    return names
 
 
 def export_trainable(
@@ -484,24 +520,12 @@ def export_trainable(
     path: str | pathlib.Path,
     config: ml_collections.ConfigDict | None = None,
 ) -> pathlib.Path:
-    """The trained weights alone as one safetensors file.
-
-    LoRA factors use diffusers/peft names (`unet.<module>.lora_A.weight` [r, in],
-    `lora_B.weight` [out, r]; `text_encoder.text_model.<module>...`); the adapter and FFM are
-    stored as `idfuse.<flax path>`.
-    """
-    tensors: dict[str, np.ndarray] = {}
-    prefixes = {"unet_lora": "unet.", "text_lora": "text_encoder.text_model."}
-    for part, prefix in prefixes.items():
-        flat = traverse_util.flatten_dict(jax.device_get(trainable[part]))
-        for key, value in flat.items():
-            module, leaf = key[:-1], key[-1]
-            name = "lora_A" if leaf == "lora_a" else "lora_B"
-            tensors[f"{prefix}{_torch_key(module)}.{name}.weight"] = np.ascontiguousarray(
-                np.asarray(value, np.float32).T
-            )
-    for key, value in traverse_util.flatten_dict(jax.device_get(trainable["idfuse"])).items():
-        tensors["idfuse." + ".".join(key)] = np.asarray(value, np.float32)
+    """The trained weights alone as one safetensors file (names: `export_names`)."""
+    flat = traverse_util.flatten_dict(jax.device_get(dict(trainable)))
+    tensors = {}
+    for key, (name, transposed) in export_names(trainable).items():
+        value = np.asarray(flat[key], np.float32)
+        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
     metadata = {"format": "idfuse_jax"}
     if config is not None:
         metadata.update(
@@ -511,3 +535,32 @@ def export_trainable(
     save_file(tensors, str(path), metadata=metadata)
     logging.info("exported %d tensors to %s", len(tensors), path)
     return path
+
+
+def import_trainable(path: str | pathlib.Path, template: dict[str, Params]) -> dict[str, Params]:
+    """Read an `export_trainable` file into a tree shaped like `template`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise weights.WeightsError(f"{path}: exported weights not found")
+    tensors = weights.read_safetensors_file(path)
+    flat_template = traverse_util.flatten_dict(dict(template))
+    flat, missing = {}, []
+    for key, (name, transposed) in export_names(template).items():
+        if name not in tensors:
+            missing.append(name)
+            continue
+        value = tensors[name].T if transposed else tensors[name]
+        if value.shape != tuple(flat_template[key].shape):
+            raise weights.WeightsError(
+                f"{path}: {name} has shape {value.shape}, the model needs "
+                f"{tuple(flat_template[key].shape)} (trained with another config?)"
+            )
+        flat[key] = jnp.asarray(value, jnp.float32)
+    if missing:
+        raise weights.WeightsError(
+            f"{path}: {len(missing)} tensors missing ({', '.join(missing[:4])}, ...); "
+            "trained with another config?"
+        )
+    # Empty sub-trees (e.g. no text LoRA) have no leaves; keep them as in the template.
+    tree = traverse_util.unflatten_dict(flat)
+    return {part: tree.get(part, {}) for part in template}

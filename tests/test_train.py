@@ -140,6 +140,36 @@ def test_tiny_run_loss_goes_down(tiny_run):
     assert last < 0.9 * first, (first, last)
 
 
+def test_sample_cli_uses_the_exported_weights(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    out = tmp_path / "grid.png"
+    command = [
+        sys.executable,
+        "-m",
+        "idfuse_jax.sample",
+        f"--workdir={workdir}",
+        "--prompt=a {token} {class_name} in the snow",
+        "--prompt=a red {token} {class_name}",
+        "--num_images=2",
+        "--num_steps=2",
+        f"--out={out}",
+    ]
+    result = subprocess.run(command, env=_env(1), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(out) as image:  # a row of 2 images per prompt
+        assert image.size == (2 * 32, 2 * 32)
+    # Without the exported weights there is nothing to sample from: a one-line error.
+    (workdir / "idfuse_weights.safetensors").rename(tmp_path / "moved.safetensors")
+    try:
+        result = subprocess.run(command, env=_env(1), capture_output=True, text=True, cwd=REPO)
+    finally:
+        (tmp_path / "moved.safetensors").rename(workdir / "idfuse_weights.safetensors")
+    assert result.returncode == 1
+    assert "idfuse_weights.safetensors: exported weights not found" in last_error_line(result)
+
+
 @pytest.fixture(scope="module")
 def three_steps_sharded(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sharded")
