@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, help="default: benchmarks/results_<size>.md")
     args = parser.parse_args(argv)
     spec = SIZES[args.size]
-    repeats = args.repeats or spec["repeats"]
+    repeats = spec["repeats"] if args.repeats is None else args.repeats
     if repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     # JAX reads this when its backend starts, so setting it after `import jax` still works.
