@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.pretrained = ""
     # transformers CLIPVisionModelWithProjection or CLIPModel folder: the image encoder E_I.
     c.model.image_encoder = ""
-    c.model.dtype = "bfloat16"  # compute dtype of the frozen models; parameters stay float32
+    c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32); params float32
     c.model.remat = False  # rematerialise UNet blocks: less memory, ~30% more compute
     # Sizes of the random models used when model.pretrained is empty.
     c.model.random = ml_collections.ConfigDict(

@@ -50,6 +50,13 @@ NON_NEGATIVE = (
 )
 
 
+MAX_SAMPLE_STEPS = 1000  # Stable Diffusion's num_train_timesteps
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 
@@ -78,12 +85,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{field}={value!r} is not one of {list(choices)}")
     for field in POSITIVE:
         value = _get(config, field)
-        if not isinstance(value, int) or value <= 0:
+        if not _is_int(value) or value <= 0:
             raise ConfigError(f"config.{field}={value!r} must be a positive integer")
     for field in NON_NEGATIVE:
         value = _get(config, field)
-        if not isinstance(value, int | float) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"config.{field}={value!r} must be a non-negative number")
+    if not _is_int(config.optim.warmup_steps):
+        raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps!r} must be an int")
+    if config.sample.num_steps > MAX_SAMPLE_STEPS:
+        raise ConfigError(
+            f"config.sample.num_steps={config.sample.num_steps} exceeds the {MAX_SAMPLE_STEPS} "
+            "training timesteps"
+        )
     if not config.data.instance_dir:
         raise ConfigError(
             "config.data.instance_dir is empty: set it to a folder of subject photos "

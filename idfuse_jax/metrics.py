@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-# Dense bf16 peak TFLOP/s per device, for MFU. Matched as substrings of jax's device_kind.
+# Dense bf16 peak TFLOP/s per device, for MFU. Matched as whole words in jax's device_kind.
 PEAK_TFLOPS = {
     "H200": 989.0,
     "H100": 989.0,
@@ -31,7 +32,8 @@ def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
     if override > 0:
         return override
     for name, tflops in PEAK_TFLOPS.items():
-        if name.lower() in device_kind.lower():
+        # Whole words only: "L4" must not match "L40S".
+        if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", device_kind, re.IGNORECASE):
             return tflops
     return None
 

@@ -131,7 +131,7 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
     models = _assemble(
         config,
         unet.UNet2DConditionModel(unet_config, dtype=dtype, remat=config.model.remat),
-        vae.AutoencoderKL(vae_config, dtype=dtype),
+        vae.AutoencoderKL(vae_config),  # float32: it runs once per image, not per step
         clip.CLIPTextTransformer(text_config, dtype=dtype),
         clip.CLIPVisionTransformer(image_config, dtype=dtype),
         tokenizer,
@@ -163,7 +163,8 @@ def pretrained_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[s
         "a transformers CLIP vision (or CLIPModel) folder",
     )
     unet_model, unet_params = weights.load_unet(sd, dtype=dtype, remat=config.model.remat)
-    vae_model, vae_params = weights.load_vae(sd, dtype=dtype)
+    # The VAE stays float32 (diffusers' force_upcast): it runs once per image, not per step.
+    vae_model, vae_params = weights.load_vae(sd)
     text_model, text_params = weights.load_clip_text(sd, dtype=dtype)
     image_model, image_params = weights.load_clip_vision(image_dir, dtype=dtype)
     models = _assemble(
@@ -203,9 +204,11 @@ def _assemble(config, unet_model, vae_model, text_model, image_model, tokenizer,
 
 
 def build_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Params]]:
-    """(Models, frozen params {"unet", "vae", "text", "image"}) as the config asks."""
-    models, frozen = pretrained_models(config) if config.model.pretrained else random_models(config)
-    return models, jax.tree.map(jnp.asarray, frozen)
+    """(Models, frozen params {"unet", "vae", "text", "image"}) as the config asks.
+
+    Loaded weights stay host (numpy) arrays: the caller places them (sharded) on devices.
+    """
+    return pretrained_models(config) if config.model.pretrained else random_models(config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,18 +470,32 @@ def generate(
     return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
 
-def make_sampler(models: Models, config: ml_collections.ConfigDict):
-    """A function (frozen, trainable) -> uint8 grid of one image per validation prompt."""
+def make_sampler(
+    models: Models,
+    config: ml_collections.ConfigDict,
+    frozen: dict[str, Params],
+    trainable: dict[str, Params],
+    out_sharding: jax.sharding.Sharding | None = None,
+):
+    """A function (frozen, trainable) -> uint8 grid of one image per validation prompt.
+
+    Compiled ahead of time for arguments laid out like `frozen` and `trainable`, so that a
+    sampler that cannot compile or fit fails before training starts, not hundreds of steps in.
+    """
     prompts = format_prompts(config)
     prompt_ids = jnp.asarray(models.tokenizer(prompts))
     null_ids = jnp.asarray(models.tokenizer([""]))
     key = jax.random.key(config.sample.seed)
-    fn = jax.jit(lambda f, t: generate(models, config, f, t, prompt_ids, null_ids, key))
+    fn = jax.jit(
+        lambda f, t: generate(models, config, f, t, prompt_ids, null_ids, key),
+        out_shardings=out_sharding,
+    )
+    compiled = fn.lower(frozen, trainable).compile()
 
     def sample(frozen: dict[str, Params], trainable: dict[str, Params]) -> np.ndarray:
         from idfuse_jax.metrics import image_grid, to_uint8
 
-        images = to_uint8(jax.device_get(fn(frozen, trainable)))
+        images = to_uint8(jax.device_get(compiled(frozen, trainable)))
         return image_grid(images, columns=len(prompts))
 
     return sample

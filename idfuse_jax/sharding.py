@@ -109,16 +109,21 @@ def fsdp_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)), tree)
 
 
-def global_batch(local: Any, mesh: Mesh) -> Any:
-    """Turn this host's slice of the batch into global arrays sharded over the batch axes."""
+def put(tree: Any, shardings: Any) -> Any:
+    """Place host (or device) arrays with the given shardings, each device taking only its shard.
+
+    Every process holds the whole array and hands over the slices its own devices need: no
+    unsharded copy lands on one device, and no cross-host check of the values is needed.
+    """
+
+    def place(x, sharding):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
+def global_batch(batch: Any, mesh: Mesh) -> Any:
+    """The global batch (identical on every process) as arrays split over the batch axes."""
     sharding = batch_sharding(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
-    )
-
-
-def process_slice(global_batch_size: int) -> slice:
-    """The rows of the global batch that this process feeds."""
-    per_process = global_batch_size // jax.process_count()
-    start = jax.process_index() * per_process
-    return slice(start, start + per_process)
+    return jax.tree.map(lambda x: put(x, sharding), batch)

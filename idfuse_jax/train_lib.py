@@ -56,9 +56,11 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, steps: int) -> opta
     return optax.join_schedules([warmup, decay], [optim.warmup_steps])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
     adamw = optax.adamw(
-        learning_rate_schedule(optim, steps),
+        schedule,
         b1=optim.b1,
         b2=optim.b2,
         eps=optim.eps,
@@ -101,6 +103,7 @@ def train_step(
     models: pipeline.Models,
     config: ml_collections.ConfigDict,
     optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on a batch of (augmented) subject images given by `indices`."""
     keys = example_keys(key, state.step, indices.shape[0])
@@ -126,7 +129,13 @@ def train_step(
         opt_state=keep(new_opt_state, state.opt_state),
         healthy=healthy,
     )
-    out = {"loss": total, "grad_norm": grad_norm, "healthy": healthy, **terms}
+    out = {
+        "loss": total,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "healthy": healthy,
+        **terms,
+    }
     return new_state, out
 
 
@@ -137,7 +146,9 @@ def train_step(
 def index_iterator(num_items: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
     """Endless shuffled batches of indices into the precomputed per-image arrays."""
     dataset = grain.MapDataset.range(num_items).seed(seed).shuffle().repeat().batch(batch_size)
-    return iter(dataset.to_iter_dataset())
+    # A stream of small ints: no prefetch threads needed.
+    read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return iter(dataset.to_iter_dataset(read))
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +163,16 @@ class _StopFlag:
 
     def __call__(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
+
+
+def _should_stop(flag: _StopFlag) -> bool:
+    """Whether any process got a signal: all processes must stop (and save) at the same step."""
+    if jax.process_count() == 1:
+        return flag.signal_name is not None
+    from jax.experimental import multihost_utils
+
+    stops = multihost_utils.process_allgather(np.int32(flag.signal_name is not None))
+    return bool(np.any(stops))
 
 
 @contextlib.contextmanager
@@ -212,6 +233,63 @@ def _format_terms(scalars: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if not k.startswith("router"))
 
 
+def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+    """Refuse to resume with settings that would silently change the data order."""
+    saved = meta.get("config", {})
+    for section, key in (("train", "batch_size"), ("", "seed")):
+        old = saved.get(section, {}).get(key) if section else saved.get(key)
+        new = config[section][key] if section else config[key]
+        if old is not None and old != new:
+            name = f"{section}.{key}" if section else key
+            raise config_lib.ConfigError(
+                f"config.{name}={new} differs from the checkpoint's {old}; resume with the same "
+                "value or use a new --workdir"
+            )
+
+
+@dataclasses.dataclass
+class _Reporter:
+    """Reads one step's metrics (a step late, so the device never waits for the host), stops on
+    non-finite values, and writes logs and the progress bar.
+
+    Step time is the interval between two consecutive metric fetches: in steady state, the time
+    the device spends on one step.
+    """
+
+    config: ml_collections.ConfigDict
+    writer: metrics.MetricsWriter
+    progress: Any
+    flops: float | None
+    peak_tflops: float | None
+    last_fetch: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def __call__(self, step: int, out: dict[str, jax.Array]) -> None:
+        scalars = _host_scalars(out)
+        now = time.perf_counter()
+        seconds, self.last_fetch = now - self.last_fetch, now
+        if not scalars.pop("healthy"):
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step} ({_format_terms(scalars)}); stopped, "
+                "the last good checkpoint is kept"
+            )
+        scalars["step_seconds"] = seconds
+        scalars["steps_per_second"] = 1.0 / seconds if seconds > 0 else math.inf
+        if self.flops:
+            tflops = self.flops / seconds / 1e12  # cost analysis of the partitioned program
+            scalars["tflops_per_device"] = tflops
+            scalars["mfu"] = tflops / self.peak_tflops if self.peak_tflops else None
+        if step % self.config.train.log_every == 0 or step == self.config.train.steps:
+            self.writer.write(step, scalars)
+        self.progress.set_postfix(
+            loss=f"{scalars['loss']:.4f}", steps_per_s=f"{scalars['steps_per_second']:.2f}"
+        )
+        self.progress.update(1)
+
+    def restart_clock(self) -> None:
+        """Exclude checkpointing and sampling time from the next step's time."""
+        self.last_fetch = time.perf_counter()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
     """Train one subject; resume from workdir's latest checkpoint if there is one."""
     config_lib.validate(config)
@@ -224,26 +302,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
+    # Frozen weights go straight from host memory to their fsdp shards.
     models, frozen = pipeline.build_models(config)
+    replicated = sharding.replicated(mesh)
+    frozen = sharding.put(frozen, sharding.fsdp_shardings(frozen, mesh))
     subject = pipeline.prepare_subject_features(config, models, frozen, workdir)
     logging.info("subject: %d training images (with flips)", subject.num_items)
+    del frozen["image"]  # the image encoder's work is done: free its memory
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
-    key = jax.random.key(config.seed)
-    init_key, step_key = jax.random.split(key)
+    init_key, step_key = jax.random.split(jax.random.key(config.seed))
+    schedule = learning_rate_schedule(config.optim, config.train.steps)
+    optimizer = make_optimizer(config.optim, schedule)
     trainable = pipeline.init_trainable(init_key, models, config, frozen)
-    optimizer = make_optimizer(config.optim, config.train.steps)
-    state = init_train_state(trainable, optimizer)
-
-    # Shardings: frozen weights over "fsdp", trainable state and subject features replicated.
-    replicated = sharding.replicated(mesh)
-    frozen_shardings = sharding.fsdp_shardings(frozen, mesh)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(init_train_state(trainable, optimizer), replicated)
     subject = jax.device_put(subject, replicated)
     step_key = jax.device_put(step_key, replicated)
 
     step_fn = jax.jit(
-        functools.partial(train_step, models=models, config=config, optimizer=optimizer),
+        functools.partial(
+            train_step, models=models, config=config, optimizer=optimizer, schedule=schedule
+        ),
         in_shardings=(
             replicated,
             frozen_shardings,
@@ -258,27 +337,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
     data_iter = index_iterator(subject.num_items, config.train.batch_size, config.seed)
     restored = checkpoint.restore_latest(mngr, state)
+    start_step = 0
     if restored is not None:
         start_step, state, meta = restored
+        _check_resumable(meta, config)
         data_iter.set_state(meta["data_iterator"])
         logging.info("resuming from the checkpoint at step %d in %s", start_step, mngr.directory)
         print(f"Resuming from step {start_step} ({mngr.directory})", flush=True)
-    else:
-        start_step = 0
 
-    local_example = np.zeros((config.train.batch_size,), np.int32)
-    example_indices = sharding.global_batch(
-        local_example[sharding.process_slice(config.train.batch_size)], mesh
-    )
+    example_indices = sharding.global_batch(np.zeros((config.train.batch_size,), np.int32), mesh)
     compiled, compile_seconds, flops = _compile(
         step_fn, (state, frozen, subject, example_indices, step_key)
     )
-    peak = metrics.peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
-    sampler = pipeline.make_sampler(models, config)
+    sampler = pipeline.make_sampler(models, config, frozen, state.params, replicated)
     writer = metrics.MetricsWriter(workdir)
     writer.write(
         start_step, {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops}
     )
+    progress = _progress_bar(is_main, start_step, config.train.steps)
+    peak = metrics.peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
+    report = _Reporter(config, writer, progress, flops, peak)
 
     def save(step: int) -> None:
         checkpoint.save(mngr, step, state, _meta(config, step, data_iter.get_state()))
@@ -290,40 +368,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             writer.write_image(step, "samples", grid)
             logging.info("samples written to %s", path)
 
-    progress = _progress_bar(is_main, start_step, config.train.steps)
-    pending: tuple[int, dict[str, jax.Array], float] | None = None
+    pending: tuple[int, dict[str, jax.Array]] | None = None
     stop = _StopFlag()
-    last_time = time.perf_counter()
     step = start_step
     try:
         with _stop_on_signals(stop):
-            while step < config.train.steps and stop.signal_name is None:
-                local = next(data_iter)[sharding.process_slice(config.train.batch_size)]
-                indices = sharding.global_batch(np.asarray(local, np.int32), mesh)
+            while step < config.train.steps and not _should_stop(stop):
+                indices = sharding.global_batch(np.asarray(next(data_iter), np.int32), mesh)
                 state, out = compiled(state, frozen, subject, indices, step_key)
                 step += 1
-                # Read the previous step's metrics while this one runs: no stall in the loop.
-                if pending is not None:
-                    _report(pending, writer, progress, config, flops, peak)
-                now = time.perf_counter()
-                pending = (step, out, now - last_time)
-                last_time = now
-                if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-                    _report(pending, writer, progress, config, flops, peak)
+                if pending is not None:  # the previous step, read while this one runs
+                    report(*pending)
+                pending = (step, out)
+                checkpoint_now = step % config.train.checkpoint_every == 0
+                sample_now = step % config.train.sample_every == 0
+                if checkpoint_now or sample_now or step == config.train.steps:
+                    report(*pending)  # never checkpoint a state that has not been checked
                     pending = None
-                    save(step)
-                if step % config.train.sample_every == 0 or step == config.train.steps:
-                    sample(step)
+                    if checkpoint_now or step == config.train.steps:
+                        save(step)
+                    if sample_now or step == config.train.steps:
+                        sample(step)
+                    report.restart_clock()
             if pending is not None:
-                _report(pending, writer, progress, config, flops, peak)
-                pending = None
-        if stop.signal_name is not None:
+                report(*pending)
+        if step < config.train.steps:  # stopped by a signal
             if mngr.latest_step() != step:
                 save(step)
             mngr.wait_until_finished()
             print(
-                f"Received {stop.signal_name}: saved a checkpoint at step {step}; "
-                "rerun the same command to resume.",
+                f"Received {stop.signal_name or 'a stop signal on another process'}: saved a "
+                f"checkpoint at step {step}; rerun the same command to resume.",
                 flush=True,
             )
             return
@@ -344,30 +419,3 @@ def _progress_bar(enabled: bool, start: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
-
-
-def _report(pending, writer, progress, config, flops, peak) -> None:
-    """Fetch one step's metrics, stop on non-finite values, log and advance the progress bar."""
-    step, out, seconds = pending
-    scalars = _host_scalars(out)
-    if not scalars.pop("healthy"):
-        terms = _format_terms(scalars)
-        raise NonFiniteError(
-            f"non-finite loss or gradient at step {step} ({terms}); stopped, the last good "
-            "checkpoint is kept"
-        )
-    scalars["learning_rate"] = float(
-        learning_rate_schedule(config.optim, config.train.steps)(step - 1)
-    )
-    scalars["step_seconds"] = seconds
-    scalars["steps_per_second"] = 1.0 / seconds if seconds > 0 else math.inf
-    if flops:
-        tflops = flops / seconds / 1e12  # cost analysis of the partitioned program: per device
-        scalars["tflops_per_device"] = tflops
-        scalars["mfu"] = tflops / peak if peak else None
-    if step % config.train.log_every == 0 or step == config.train.steps:
-        writer.write(step, scalars)
-    progress.set_postfix(
-        loss=f"{scalars['loss']:.4f}", steps_per_s=f"{scalars['steps_per_second']:.2f}"
-    )
-    progress.update(1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from idfuse_jax import config_lib, sharding
+from idfuse_jax import config_lib, metrics, sharding
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -105,3 +105,28 @@ def test_batch_must_divide_over_mesh():
         sharding.MeshError, match=re.escape("train.batch_size=1 is not divisible by the 8")
     ):
         sharding.check_batch_size(1, mesh)
+
+
+@pytest.mark.parametrize(
+    ("kind", "override", "expected"),
+    [
+        ("NVIDIA H200", 0.0, 989.0),
+        ("TPU v4", 0.0, 275.0),
+        ("NVIDIA L40S", 0.0, None),
+        ("cpu", 0.0, None),
+        ("cpu", 12.5, 12.5),
+    ],
+)
+def test_peak_tflops_lookup(kind, override, expected):
+    assert metrics.peak_tflops(kind, override) == expected
+
+
+def test_bool_and_float_counts_are_refused():
+    config = load("tiny")
+    config.train.steps = True
+    with pytest.raises(config_lib.ConfigError, match=re.escape("config.train.steps=True")):
+        config_lib.validate(config)
+    config = load("tiny")
+    config.sample.num_steps = 5000
+    with pytest.raises(config_lib.ConfigError, match="exceeds the 1000 training timesteps"):
+        config_lib.validate(config)

@@ -248,7 +248,7 @@ def test_background_feature_carries_no_gradient(idfuse, feats):
 def test_conditioning_refuses_bad_input(idfuse, feats):
     model, params = idfuse
     text, image, bg = feats["text"], feats["image"], feats["background"]
-    with pytest.raises(ConditioningError, match=r"fusion.background must be one of .* 'both'"):
+    with pytest.raises(ConditioningError, match=r"method.background must be one of .* 'both'"):
         training_conditioning(model, params, text, image, bg, background="both")
     with pytest.raises(ConditioningError, match=r"background embeddings \(1, 12\) do not match"):
         training_conditioning(model, params, text, image, bg[:1])

@@ -137,7 +137,7 @@ def training_conditioning(
     """
     if background not in BACKGROUND_MODES:
         raise ConditioningError(
-            f"fusion.background must be one of {BACKGROUND_MODES}, got {background!r}"
+            f"method.background must be one of {BACKGROUND_MODES}, got {background!r}"
         )
     if background_embeds.shape != image_embeds.shape:
         raise ConditioningError(
