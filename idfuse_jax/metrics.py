@@ -44,7 +44,11 @@ class MetricsWriter:
     Only process 0 writes; other processes get a writer that does nothing.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
+    def __init__(
+        self, workdir: str | pathlib.Path, resume_step: int = 0, enabled: bool | None = None
+    ):
+        """`resume_step`: rows logged after it by an interrupted run are dropped from
+        metrics.jsonl, since those steps are about to run again."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = pathlib.Path(workdir)
         self._jsonl = None
@@ -53,7 +57,11 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+            path = self.workdir / "metrics.jsonl"
+            if path.is_file():
+                kept = [r for r in path.read_text().splitlines() if _row_step(r) <= resume_step]
+                path.write_text("".join(r + "\n" for r in kept))
+            self._jsonl = open(path, "a")
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -76,6 +84,13 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a torn last line from a killed run: drop it
 
 
 def image_grid(images: np.ndarray, columns: int) -> np.ndarray:

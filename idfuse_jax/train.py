@@ -6,6 +6,7 @@
 Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -45,8 +46,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     # orbax logs every file it writes at INFO; keep its warnings, drop the chatter.
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    std_logging.getLogger("absl").addFilter(
+        lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
     )
     try:
         train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -297,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     sharding.maybe_initialize_distributed(config.multihost)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch_size(config.train.batch_size, mesh)
+    logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -350,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         step_fn, (state, frozen, subject, example_indices, step_key)
     )
     sampler = pipeline.make_sampler(models, config, frozen, state.params, replicated)
-    writer = metrics.MetricsWriter(workdir)
+    writer = metrics.MetricsWriter(workdir, resume_step=start_step)
     writer.write(
         start_step, {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops}
     )

@@ -232,9 +232,14 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
     assert "Received SIGTERM" in stdout
     (step,) = checkpoint_steps(tmp_path)
     assert step >= 2
+    # Rows an interrupted run logged after its checkpoint are dropped on resume, not repeated.
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step + 1, "loss": 99.0}) + "\n" + '{"step": ')
     rerun = ok(train(tmp_path, *SHORT, f"--config.train.steps={step + 2}"))
     assert f"Resuming from step {step}" in rerun.stdout
     assert checkpoint_steps(tmp_path)[-1] == step + 2
+    steps = [r["step"] for r in metrics(tmp_path)]
+    assert steps == list(range(1, step + 3)), steps
 
 
 def test_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
