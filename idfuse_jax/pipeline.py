@@ -138,15 +138,10 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
         diffusion.Schedule.from_config(SD_SCHEDULE),
     )
     keys = jax.random.split(jax.random.key(config.seed + 1), 4)
+    modules = (models.unet, models.vae, models.text_encoder, models.image_encoder)
     frozen = {
-        "unet": unet.init_params(models.unet, keys[0]),
-        "vae": vae.init_params(models.vae, keys[1]),
-        "text": weights.init_params(
-            models.text_encoder, models.text_encoder.example_input(), seed=config.seed + 2
-        ),
-        "image": weights.init_params(
-            models.image_encoder, models.image_encoder.example_input(), seed=config.seed + 3
-        ),
+        name: weights.init_params(module, key)
+        for name, module, key in zip(("unet", "vae", "text", "image"), modules, keys)
     }
     return models, frozen
 
@@ -321,7 +316,7 @@ def prepare_subject_features(
     size = models.image_encoder.config.image_size
     image_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in images]
     background_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in backgrounds]
-    prompt = config.data.prompt.format(token=config.data.token, class_name=config.data.class_name)
+    (prompt,) = format_prompts(config, [config.data.prompt])
     return SubjectFeatures(
         latent_mean=jnp.concatenate([m[0] for m in moments]).astype(jnp.float32),
         latent_logvar=jnp.concatenate([m[1] for m in moments]).astype(jnp.float32),
@@ -351,9 +346,10 @@ def training_loss(
     """
     unet_params, text_params = merged_params(frozen, trainable, config)
     batch = indices.shape[0]
-    # The identity prompt is the same for every example: encode it once, then broadcast.
+    # The identity prompt is the same for every example: encode it, and run its text-only FFM
+    # pass, once (batch 1); broadcast only where per-example arrays meet.
     f_s = models.text_encoder.apply({"params": text_params}, subject.prompt_ids).last_hidden_state
-    f_s = jnp.broadcast_to(f_s.astype(jnp.float32), (batch, *f_s.shape[1:]))
+    f_s = f_s.astype(jnp.float32)
     cond = conditioning.training_conditioning(
         models.idfuse,
         trainable["idfuse"],
@@ -380,7 +376,7 @@ def training_loss(
         {"params": unet_params},
         jnp.concatenate([noisy, noisy]),
         jnp.concatenate([t, t]),
-        jnp.concatenate([cond.full, cond.text_only]),
+        jnp.concatenate([cond.full, jnp.broadcast_to(cond.text_only, cond.full.shape)]),
     )
     pred_full, pred_text_only = jnp.split(pred, 2)
     lam = config.loss
@@ -389,7 +385,7 @@ def training_loss(
         pred_full,
         pred_text_only,
         target,
-        f_s,
+        jnp.broadcast_to(f_s, (batch, *f_s.shape[1:])),
         cond.image,
         cond.background,
         lambdas=(
@@ -413,9 +409,10 @@ def training_loss(
 # Sampling
 
 
-def format_prompts(config: ml_collections.ConfigDict) -> list[str]:
+def format_prompts(config: ml_collections.ConfigDict, templates: Sequence[str]) -> list[str]:
+    """Prompt templates with the run's {token} and {class_name} filled in."""
     d = config.data
-    return [p.format(token=d.token, class_name=d.class_name) for p in config.sample.prompts]
+    return [p.format(token=d.token, class_name=d.class_name) for p in templates]
 
 
 def generate(
@@ -446,7 +443,7 @@ def generate(
             models.idfuse,
             trainable["idfuse"],
             encode(prompt_ids),
-            jnp.broadcast_to(reference_embeds, (n, reference_embeds.shape[-1])),
+            reference_embeds,
         )
     uncond, _ = conditioning.text_conditioning(models.idfuse, trainable["idfuse"], encode(null_ids))
     context = jnp.concatenate([cond, jnp.broadcast_to(uncond, cond.shape)])
@@ -482,7 +479,7 @@ def make_sampler(
     Compiled ahead of time for arguments laid out like `frozen` and `trainable`, so that a
     sampler that cannot compile or fit fails before training starts, not hundreds of steps in.
     """
-    prompts = format_prompts(config)
+    prompts = format_prompts(config, config.sample.prompts)
     prompt_ids = jnp.asarray(models.tokenizer(prompts))
     null_ids = jnp.asarray(models.tokenizer([""]))
     key = jax.random.key(config.sample.seed)

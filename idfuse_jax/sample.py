@@ -64,7 +64,7 @@ def sample_images(
     template = pipeline.init_trainable(jax.random.key(0), models, config, frozen)
     trainable = pipeline.import_trainable(workdir / "idfuse_weights.safetensors", template)
     d = config.data
-    texts = [p.format(token=d.token, class_name=d.class_name) for p in prompts]
+    texts = pipeline.format_prompts(config, prompts)
     ids = jnp.asarray(models.tokenizer([t for t in texts for _ in range(num_images)]))
     null_ids = jnp.asarray(models.tokenizer([""]))
     reference_embeds = None

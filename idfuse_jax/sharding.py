@@ -123,7 +123,6 @@ def put(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(place, tree, shardings)
 
 
-def global_batch(batch: Any, mesh: Mesh) -> Any:
-    """The global batch (identical on every process) as arrays split over the batch axes."""
-    sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: put(x, sharding), batch)
+def global_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The global batch (identical on every process) as one array split over the batch axes."""
+    return put(batch, batch_sharding(mesh))

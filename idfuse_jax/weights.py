@@ -267,18 +267,22 @@ def require_value(
 # import them, and jax, where they run.
 
 
-def abstract_params(module: Any, *inputs: Any) -> dict[str, Any]:
-    """The module's parameter shapes and dtypes (jax.ShapeDtypeStruct leaves), without init."""
+def abstract_params(module: Any) -> dict[str, Any]:
+    """The module's parameter shapes and dtypes (jax.ShapeDtypeStruct leaves), without init.
+
+    Every model module provides `example_inputs()`.
+    """
     import jax
 
-    return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+    return jax.eval_shape(module.init, jax.random.key(0), *module.example_inputs())["params"]
 
 
-def init_params(module: Any, *inputs: Any, seed: int = 0) -> dict[str, Any]:
+def init_params(module: Any, rng: Any) -> dict[str, Any]:
     """Random parameters for a (tiny) model, initialised under jax.jit (eager init is slow)."""
     import jax
 
-    return jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
+    inputs = module.example_inputs()
+    return jax.jit(lambda key: module.init(key, *inputs)["params"])(rng)
 
 
 def _strip_prefix(prefix: str) -> Callable[[str], str]:
@@ -291,6 +295,34 @@ _CLIP_TEXT_SIDE = (r"text_model\..*", r"text_projection\..*")
 _CLIP_VISION_SIDE = (r"vision_model\..*", r"visual_projection\..*")
 
 
+def _load_clip_tower(
+    folder: PathLike, side: str, dtype: Any, remat: bool
+) -> tuple[Any, dict[str, Any]]:
+    """One CLIP tower ("text" or "vision"), the other tower's tensors ignored."""
+    from idfuse_jax.models import clip
+
+    component, config_cls, module_cls, projection, prefix, other = {
+        "text": ("text_encoder", clip.CLIPTextConfig, clip.CLIPTextTransformer,
+                 "text_projection", "text_model.", _CLIP_VISION_SIDE),
+        "vision": ("image_encoder", clip.CLIPVisionConfig, clip.CLIPVisionTransformer,
+                   "visual_projection", "vision_model.", _CLIP_TEXT_SIDE),
+    }[side]  # fmt: skip
+    folder = component_dir(folder, component)
+    tensors = read_safetensors(folder)
+    config = config_cls.from_transformers(
+        read_config(folder), with_projection=f"{projection}.weight" in tensors, where=str(folder)
+    )
+    module = module_cls(config, dtype=dtype, remat=remat)
+    params = convert_state_dict(
+        tensors,
+        abstract_params(module),
+        where=str(folder),
+        rename=_strip_prefix(prefix),
+        ignore=_CLIP_BUFFERS + other,
+    )
+    return module, params
+
+
 def load_clip_text(
     folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
 ) -> tuple[Any, dict[str, Any]]:
@@ -300,22 +332,7 @@ def load_clip_text(
     pipeline folder (its text_encoder/). The projection is built when the weights hold
     `text_projection.weight`. `dtype` is the module's compute dtype.
     """
-    from idfuse_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
-
-    folder = component_dir(folder, "text_encoder")
-    tensors = read_safetensors(folder)
-    config = CLIPTextConfig.from_transformers(
-        read_config(folder), with_projection="text_projection.weight" in tensors, where=str(folder)
-    )
-    module = CLIPTextTransformer(config, dtype=dtype, remat=remat)
-    params = convert_state_dict(
-        tensors,
-        abstract_params(module, module.example_input()),
-        where=str(folder),
-        rename=_strip_prefix("text_model."),
-        ignore=_CLIP_BUFFERS + _CLIP_VISION_SIDE,
-    )
-    return module, params
+    return _load_clip_tower(folder, "text", dtype, remat)
 
 
 def load_clip_vision(
@@ -327,24 +344,7 @@ def load_clip_vision(
     side is ignored), or a diffusers pipeline folder (its image_encoder/). The projection is
     built when the weights hold `visual_projection.weight`.
     """
-    from idfuse_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-
-    folder = component_dir(folder, "image_encoder")
-    tensors = read_safetensors(folder)
-    config = CLIPVisionConfig.from_transformers(
-        read_config(folder),
-        with_projection="visual_projection.weight" in tensors,
-        where=str(folder),
-    )
-    module = CLIPVisionTransformer(config, dtype=dtype, remat=remat)
-    params = convert_state_dict(
-        tensors,
-        abstract_params(module, module.example_input()),
-        where=str(folder),
-        rename=_strip_prefix("vision_model."),
-        ignore=_CLIP_BUFFERS + _CLIP_TEXT_SIDE,
-    )
-    return module, params
+    return _load_clip_tower(folder, "vision", dtype, remat)
 
 
 def load_vit(
@@ -363,7 +363,7 @@ def load_vit(
     module = ViTModel(config, dtype=dtype, remat=remat)
     params = convert_state_dict(
         tensors,
-        abstract_params(module, module.example_input()),
+        abstract_params(module),
         where=str(folder),
         rename=_strip_prefix("vit."),
         ignore=(r"(vit\.)?pooler\..*", r"classifier\..*"),
@@ -400,9 +400,7 @@ def load_unet(folder: PathLike, *, dtype: Any = np.float32, remat: bool = False)
     folder = component_dir(folder, "unet")
     config = unet_lib.UNetConfig.from_diffusers(read_config(folder), where=str(folder))
     model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat)
-    params = convert_state_dict(
-        read_safetensors(folder), unet_lib.param_shapes(model), where=str(folder)
-    )
+    params = convert_state_dict(read_safetensors(folder), abstract_params(model), where=str(folder))
     return model, params
 
 
@@ -415,7 +413,7 @@ def load_vae(folder: PathLike, *, dtype: Any = np.float32) -> tuple[Any, Any]:
     model = vae_lib.AutoencoderKL(config, dtype=dtype)
     params = convert_state_dict(
         read_safetensors(folder),
-        vae_lib.param_shapes(model),
+        abstract_params(model),
         where=str(folder),
         rename=_rename_legacy_vae_attention,
     )

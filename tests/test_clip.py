@@ -225,7 +225,7 @@ def test_full_size_text_encoders_map_every_tensor(config, model_cls, make_config
     """The real SD configs are accepted and every tensor of the full-size model finds its place."""
     ours = clip.CLIPTextConfig.from_transformers(config, with_projection=False)
     module = clip.CLIPTextTransformer(ours, remat=True)
-    shapes = weights.abstract_params(module, module.example_input())
+    shapes = weights.abstract_params(module)
     state = meta_state_dict(model_cls, make_config(**config))
     params = weights.convert_state_dict(
         state, shapes, rename=lambda k: k.replace("text_model.", "")
@@ -243,7 +243,7 @@ def test_full_size_clip_vit_h14_vision_maps_every_tensor():
     module = clip.CLIPVisionTransformer(
         clip.CLIPVisionConfig.from_transformers(config, with_projection=True)
     )
-    shapes = weights.abstract_params(module, module.example_input())
+    shapes = weights.abstract_params(module)
     state = meta_state_dict(
         transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig(**config)
     )
@@ -292,7 +292,7 @@ def test_init_params_random_tiny_model():
     module = clip.CLIPTextTransformer(
         clip.CLIPTextConfig(**TINY, vocab_size=VOCAB, max_position_embeddings=LENGTH)
     )
-    params = weights.init_params(module, module.example_input(), seed=3)
+    params = weights.init_params(module, jax.random.key(3))
     out = run(module, params, jnp.asarray(token_ids("sd2")))
     assert out.last_hidden_state.shape == (3, LENGTH, 32) and out.pooled.shape == (3, 32)
     assert np.isfinite(np.asarray(out.last_hidden_state)).all()
@@ -303,7 +303,7 @@ def test_init_params_random_tiny_model():
 def test_remat_keeps_names_and_gradients():
     config = clip.CLIPTextConfig(**TINY, vocab_size=VOCAB, max_position_embeddings=LENGTH)
     plain = clip.CLIPTextTransformer(config)
-    params = weights.init_params(plain, plain.example_input(), seed=4)
+    params = weights.init_params(plain, jax.random.key(4))
     ids = jnp.asarray(token_ids("sd2"))
 
     def grads(module):

@@ -258,3 +258,17 @@ def test_conditioning_refuses_bad_input(idfuse, feats):
         combine(text[:, 0], jnp.zeros((B, D)))
     with pytest.raises(ConditioningError, match=r"expected text features \[B, T, D\]"):
         text_conditioning(model, params, text[0])
+
+
+def test_one_prompt_broadcasts_over_a_batch_of_images(idfuse, feats):
+    """The trainer encodes its single identity prompt once (batch 1): same result as B copies."""
+    model, params = idfuse
+    one = feats["text"][:1]
+    copies = jnp.broadcast_to(one, feats["text"].shape)
+    a = training_conditioning(model, params, one, feats["image"], feats["background"])
+    b = training_conditioning(model, params, copies, feats["image"], feats["background"])
+    np.testing.assert_allclose(a.full, b.full, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        jnp.broadcast_to(a.text_only, b.text_only.shape), b.text_only, rtol=1e-6, atol=1e-6
+    )
+    assert a.text_only.shape[0] == 1

@@ -11,7 +11,8 @@ from idfuse_jax.losses import idfuse_loss
 from idfuse_jax.models.clip import CLIPTextConfig, CLIPTextTransformer, eos_positions
 from idfuse_jax.models.conditioning import IdFuse, training_conditioning
 from idfuse_jax.models.lora import lora_init, lora_merge
-from idfuse_jax.models.unet import UNet2DConditionModel, UNetConfig, init_params
+from idfuse_jax.models.unet import UNet2DConditionModel, UNetConfig
+from idfuse_jax.weights import init_params
 
 UNET_TARGETS = r".*attn[12]/(to_q|to_k|to_v|to_out_0)/kernel"
 TEXT_TARGETS = r".*self_attn/(q_proj|k_proj|v_proj|out_proj)/kernel"

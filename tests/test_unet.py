@@ -165,7 +165,7 @@ def test_pipeline_folder_and_config(cases, tmp_path):
 
 def test_init_params_matches_loaded_structure(cases):
     model, params = weights.load_unet(cases["sd1"].folder)
-    fresh = unet_lib.init_params(model, jax.random.key(0))
+    fresh = weights.init_params(model, jax.random.key(0))
     shapes = jax.tree.map(lambda x: x.shape, fresh)
     assert shapes == jax.tree.map(lambda x: x.shape, params)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(fresh))

@@ -156,7 +156,7 @@ def test_bad_configs_name_the_culprit(case, overrides, message):
 
 def test_init_params_matches_loaded_structure(case):
     model, params = weights.load_vae(case.folder)
-    fresh = vae_lib.init_params(model, jax.random.key(0))
+    fresh = weights.init_params(model, jax.random.key(0))
     assert jax.tree.map(lambda x: x.shape, fresh) == jax.tree.map(lambda x: x.shape, params)
 
 

@@ -74,7 +74,7 @@ def test_dino_vits16_config_maps_every_tensor():
     config = vit.ViTConfig.from_transformers(DINO_VITS16_CONFIG)
     assert (config.hidden_size, config.patch_size, config.num_attention_heads) == (384, 16, 6)
     module = vit.ViTModel(config, remat=True)
-    shapes = weights.abstract_params(module, module.example_input())
+    shapes = weights.abstract_params(module)
     state = meta_state_dict(transformers.ViTModel, transformers.ViTConfig(**DINO_VITS16_CONFIG))
     # In memory transformers 5 names differ; checkpoints (and save_pretrained) use the legacy ones.
     legacy = {_legacy_name(k): v for k, v in state.items() if not k.startswith("pooler.")}

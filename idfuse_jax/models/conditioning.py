@@ -76,14 +76,18 @@ class IdFuse(nn.Module):
 
 
 def combine(text_features: jax.Array, image_features: jax.Array) -> jax.Array:
-    """f_s + f[:, None, :]: one image feature per example, added to every text token."""
+    """f_s + f[:, None, :]: one image feature per example, added to every text token.
+
+    Either batch may be 1 and broadcast against the other (one prompt for a batch of images).
+    """
     if text_features.ndim != 3 or image_features.ndim != 2:
         raise ConditioningError(
             f"expected text features [B, T, D] and image features [B, D], got "
             f"{tuple(text_features.shape)} and {tuple(image_features.shape)}"
         )
     b, _, d = text_features.shape
-    if image_features.shape[-1] != d or image_features.shape[0] not in (1, b):
+    n = image_features.shape[0]
+    if image_features.shape[-1] != d or (n != b and 1 not in (n, b)):
         raise ConditioningError(
             f"image features {tuple(image_features.shape)} do not fit text features "
             f"{tuple(text_features.shape)}"

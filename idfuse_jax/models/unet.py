@@ -326,6 +326,16 @@ class UNet2DConditionModel(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
 
+    def example_inputs(self) -> tuple[jax.Array, ...]:
+        """Small dummy inputs for init / eval_shape (parameters do not depend on their size)."""
+        cfg = self.config
+        side = 2 ** (cfg.num_blocks - 1)
+        return (
+            jnp.zeros((1, side, side, cfg.in_channels), jnp.float32),
+            jnp.zeros((1,), jnp.float32),
+            jnp.zeros((1, 1, cfg.cross_attention_dim), jnp.float32),
+        )
+
     @nn.compact
     def __call__(
         self,
@@ -388,24 +398,3 @@ def _check_inputs(cfg: UNetConfig, sample: jax.Array, context: jax.Array) -> Non
             f"UNet: batch of encoder_hidden_states ({context.shape[0]}) != sample's "
             f"({sample.shape[0]})"
         )
-
-
-def _dummy_inputs(cfg: UNetConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
-    side = 2 ** (cfg.num_blocks - 1)  # parameters do not depend on the spatial size
-    return (
-        jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32),
-        jax.ShapeDtypeStruct((1,), jnp.float32),
-        jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32),
-    )
-
-
-def param_shapes(model: UNet2DConditionModel) -> dict[str, Any]:
-    """The parameter tree as jax.ShapeDtypeStruct leaves, without computing anything."""
-    args = _dummy_inputs(model.config)
-    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
-
-
-def init_params(model: UNet2DConditionModel, rng: jax.Array) -> dict[str, Any]:
-    """Random parameters (flax default initialisers), initialised under jit."""
-    args = [jnp.zeros(a.shape, a.dtype) for a in _dummy_inputs(model.config)]
-    return jax.jit(lambda r: model.init(r, *args)["params"])(rng)

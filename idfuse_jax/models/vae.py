@@ -265,23 +265,11 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
+    def example_inputs(self) -> tuple[jax.Array]:
+        """A small dummy image for init / eval_shape."""
+        side = 2 ** (len(self.config.block_out_channels) - 1)
+        return (jnp.zeros((1, side, side, self.config.in_channels), jnp.float32),)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """Reconstruction from the latent mean (touches every parameter, for `init`)."""
         return self.decode(self.encode(x)[0])
-
-
-def _dummy_image(cfg: VAEConfig) -> jax.ShapeDtypeStruct:
-    side = 2 ** (len(cfg.block_out_channels) - 1)
-    return jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32)
-
-
-def param_shapes(model: AutoencoderKL) -> dict[str, Any]:
-    """The parameter tree as jax.ShapeDtypeStruct leaves, without computing anything."""
-    x = _dummy_image(model.config)
-    return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-
-
-def init_params(model: AutoencoderKL, rng: jax.Array) -> dict[str, Any]:
-    """Random parameters (flax default initialisers), initialised under jit."""
-    x = jnp.zeros(_dummy_image(model.config).shape)
-    return jax.jit(lambda r: model.init(r, x)["params"])(rng)

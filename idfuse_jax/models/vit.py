@@ -213,10 +213,10 @@ class ViTModel(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
 
-    def example_input(self) -> jax.Array:
+    def example_inputs(self) -> tuple[jax.Array]:
         """A dummy input of the right shape and dtype, for init / eval_shape."""
         c = self.config
-        return jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
+        return (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> ViTOutput:
