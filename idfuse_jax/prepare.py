@@ -312,14 +312,6 @@ class PrepareResult:
     processed: tuple[str, ...]
     skipped: tuple[str, ...]
 
-    @property
-    def masks_dir(self) -> pathlib.Path:
-        return self.out_dir / MASKS_DIR
-
-    @property
-    def backgrounds_dir(self) -> pathlib.Path:
-        return self.out_dir / BACKGROUNDS_DIR
-
 
 def make_segmenter(masks: str, onnx_model: PathLike | None = None) -> Segmenter | None:
     """The segmenter for a `masks` choice; None for 'given' (user masks only)."""
