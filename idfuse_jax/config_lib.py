@@ -13,6 +13,8 @@ from types import ModuleType
 
 import ml_collections
 
+from idfuse_jax.errors import ConfigError
+
 DTYPES = ("float32", "bfloat16")
 CHOICES = {
     "model.dtype": DTYPES,
@@ -55,10 +57,6 @@ MAX_SAMPLE_STEPS = 1000  # Stable Diffusion's num_train_timesteps
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
 
 
 def sibling_module(config_file: str, name: str) -> ModuleType:

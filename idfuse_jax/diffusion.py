@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from idfuse_jax.weights import component_dir, read_json
+from idfuse_jax.errors import WeightsError
+from idfuse_jax.formats import component_dir, read_json
 
 SolverKind = Literal["ddim", "dpm_solver"]
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -105,25 +106,21 @@ PINNED_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-class ScheduleConfigError(ValueError):
-    """A scheduler config this module cannot reproduce exactly."""
-
-
 def _pinned_ok(value: Any, allowed: tuple[Any, ...]) -> bool:
     # `type(value) is bool` keeps 0/1 from passing for False/True and vice versa.
     return any(value == a and (type(value) is bool) == (type(a) is bool) for a in allowed)
 
 
 def check_config(config: Mapping[str, Any]) -> None:
-    """Raise `ScheduleConfigError` naming the first key whose value we would not honour."""
+    """Raise `WeightsError` naming the first key whose value we would not honour."""
     for key, value in config.items():
         if key in READ_KEYS or key in IGNORED_KEYS:
             continue
         if key not in PINNED_VALUES:
-            raise ScheduleConfigError(f"scheduler config key {key!r} is not supported")
+            raise WeightsError(f"scheduler config key {key!r} is not supported")
         if not _pinned_ok(value, PINNED_VALUES[key]):
             allowed = " or ".join(repr(a) for a in PINNED_VALUES[key])
-            raise ScheduleConfigError(
+            raise WeightsError(
                 f"scheduler config {key}={value!r} is not supported (must be {allowed})"
             )
 
@@ -131,7 +128,7 @@ def check_config(config: Mapping[str, Any]) -> None:
 def _choice(config: Mapping[str, Any], key: str, choices: tuple[str, ...], default: Any) -> Any:
     value = config.get(key, default)
     if value is not None and value not in choices:
-        raise ScheduleConfigError(
+        raise WeightsError(
             f"scheduler config {key}={value!r} is not supported (one of {', '.join(choices)})"
         )
     return value
@@ -140,9 +137,9 @@ def _choice(config: Mapping[str, Any], key: str, choices: tuple[str, ...], defau
 def _number(config: Mapping[str, Any], key: str, default: float, kind: type = float) -> Any:
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ScheduleConfigError(f"scheduler config {key}={value!r} is not a number")
+        raise WeightsError(f"scheduler config {key}={value!r} is not a number")
     if kind is int and value != int(value):
-        raise ScheduleConfigError(f"scheduler config {key}={value!r} is not an integer")
+        raise WeightsError(f"scheduler config {key}={value!r} is not an integer")
     return kind(value)
 
 
@@ -156,7 +153,7 @@ def _betas(config: Mapping[str, Any], n: int) -> np.ndarray:
     if trained is not None:
         betas = np.asarray(trained, np.float64)
         if betas.shape != (n,):
-            raise ScheduleConfigError(
+            raise WeightsError(
                 f"scheduler config trained_betas has shape {betas.shape}, expected ({n},)"
             )
         return betas
@@ -190,12 +187,12 @@ class Schedule:
         check_config(config)
         n = _number(config, "num_train_timesteps", 1000, int)
         if n < 1:
-            raise ScheduleConfigError(f"scheduler config num_train_timesteps={n} must be >= 1")
+            raise WeightsError(f"scheduler config num_train_timesteps={n} must be >= 1")
         # float64 here, float32 stored: closer to the exact schedule than diffusers' own float32.
         alphas_cumprod = np.cumprod(1.0 - _betas(config, n))
         set_alpha_to_one = config.get("set_alpha_to_one", True)
         if not isinstance(set_alpha_to_one, bool):
-            raise ScheduleConfigError(
+            raise WeightsError(
                 f"scheduler config set_alpha_to_one={set_alpha_to_one!r} is not a boolean"
             )
         final = 1.0 if set_alpha_to_one else alphas_cumprod[0]

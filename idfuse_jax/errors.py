@@ -1,31 +1,28 @@
-"""The errors that mean bad input (config, data, weights, mesh) or a diverged run, not a bug.
+"""The errors that mean bad input, not a bug: the bottom of the package (it imports nothing).
 
-Command-line programs print these as one line and exit non-zero; anything else is a bug and keeps
-its traceback.
+Every module raises one of these for input a user can fix (a config value, a photo, a weights
+folder) or for a diverged run. Command-line programs print a `UserError` as one line on stderr
+and exit with `EXIT_USER_ERROR` (`idfuse_jax.cli`); anything else is a bug and keeps its traceback.
 """
 
-from idfuse_jax.config_lib import ConfigError
-from idfuse_jax.data.errors import DataError
-from idfuse_jax.diffusion import ScheduleConfigError
-from idfuse_jax.models.clip import ModelConfigError
-from idfuse_jax.models.lora import LoRAError
-from idfuse_jax.sharding import MeshError
-from idfuse_jax.tokenizer import TokenizerError
-from idfuse_jax.weights import WeightsError
+EXIT_USER_ERROR = 1
 
 
-class NonFiniteError(RuntimeError):
+class UserError(ValueError):
+    """Bad input or a diverged run; the one-line message names the culprit."""
+
+
+class ConfigError(UserError):
+    """A config key or value, or a combination of options and shapes, that cannot work."""
+
+
+class DataError(UserError):
+    """Bad input data: a photo, mask or folder; the message names the file or folder."""
+
+
+class WeightsError(UserError):
+    """A checkpoint folder (config.json, safetensors, tokenizer, scheduler) we cannot load."""
+
+
+class NonFiniteError(UserError):
     """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
-
-
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    LoRAError,
-    MeshError,
-    ModelConfigError,
-    ScheduleConfigError,
-    TokenizerError,
-    WeightsError,
-    NonFiniteError,
-)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from idfuse_jax.errors import ConfigError
+
 TEXT_POOLS = ("mean", "eos")
 DEFAULT_LAMBDAS = (1.0, 0.001, 0.001, 0.001)
 # DisenBooth's nn.CosineSimilarity(dim=1, eps=1e-6).
@@ -28,10 +30,6 @@ COS_EPS = 1e-6
 
 _log = logging.getLogger(__name__)
 _warned_constant_l4 = False
-
-
-class LossError(ValueError):
-    """Loss inputs or options that do not fit together."""
 
 
 def cosine(a: jax.Array, b: jax.Array, eps: float = COS_EPS) -> jax.Array:
@@ -45,7 +43,7 @@ def cosine(a: jax.Array, b: jax.Array, eps: float = COS_EPS) -> jax.Array:
 def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Mean squared error in float32."""
     if pred.shape != target.shape:
-        raise LossError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        raise ConfigError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
@@ -57,24 +55,24 @@ def pool_text(
     `eos_index` [B] is where the text encoder pools (`idfuse_jax.models.clip.eos_positions`).
     """
     if text_features.ndim != 3:
-        raise LossError(f"text features must be [B, T, D], got {tuple(text_features.shape)}")
+        raise ConfigError(f"text features must be [B, T, D], got {tuple(text_features.shape)}")
     if mode == "mean":
         return jnp.mean(text_features, axis=1)
     if mode == "eos":
         if eos_index is None:
-            raise LossError('loss.text_pool="eos" needs the EOS index of every example')
+            raise ConfigError('loss.text_pool="eos" needs the EOS index of every example')
         if eos_index.shape != text_features.shape[:1]:
-            raise LossError(
+            raise ConfigError(
                 f"eos_index {tuple(eos_index.shape)} must be [B] for text features "
                 f"{tuple(text_features.shape)}"
             )
         return jnp.take_along_axis(text_features, eos_index[:, None, None], axis=1)[:, 0]
-    raise LossError(f"loss.text_pool must be one of {TEXT_POOLS}, got {mode!r}")
+    raise ConfigError(f"loss.text_pool must be one of {TEXT_POOLS}, got {mode!r}")
 
 
 def _check_pair(name: str, a: jax.Array, b: jax.Array) -> None:
     if a.ndim != 2 or a.shape != b.shape:
-        raise LossError(
+        raise ConfigError(
             f"{name}: expected two [B, D] feature arrays of the same shape, got "
             f"{tuple(a.shape)} and {tuple(b.shape)}"
         )
@@ -147,7 +145,7 @@ def idfuse_loss(
     """
     lambdas = tuple(float(x) for x in lambdas)
     if len(lambdas) != 4:
-        raise LossError(f"loss lambdas must be 4 numbers (λ1..λ4), got {lambdas!r}")
+        raise ConfigError(f"loss lambdas must be 4 numbers (λ1..λ4), got {lambdas!r}")
     if not text_trainable:
         _warn_constant_l4()
     pooled = pool_text(text_features, text_pool, eos_index)

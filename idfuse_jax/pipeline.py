@@ -22,9 +22,9 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from idfuse_jax import diffusion, losses, weights
-from idfuse_jax.config_lib import ConfigError
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.data import synthetic
+from idfuse_jax.errors import ConfigError
 from idfuse_jax.models import clip, conditioning, lora, unet, vae
 from idfuse_jax.tokenizer import ByteTokenizer
 

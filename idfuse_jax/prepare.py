@@ -30,7 +30,6 @@ import tqdm
 from PIL import Image
 
 from idfuse_jax.data import dreambench
-from idfuse_jax.data.errors import DataError
 from idfuse_jax.data.images import (
     BACKGROUNDS_DIR,
     MASKS_DIR,
@@ -39,6 +38,7 @@ from idfuse_jax.data.images import (
     read_image,
     read_mask,
 )
+from idfuse_jax.errors import EXIT_USER_ERROR, DataError, UserError
 
 PathLike = str | pathlib.Path
 Segmenter = Callable[[np.ndarray], np.ndarray]  # uint8 [H, W, 3] -> uint8 [H, W] in {0, 1}
@@ -477,16 +477,6 @@ def prepare_dreambench(
     return {s: prepare_subject(root / s, out_dir / s, **kwargs) for s in bench.subjects}
 
 
-def _user_errors() -> tuple[type[ValueError], ...]:
-    """The errors that mean bad input (imported lazily: most pull in JAX)."""
-    from idfuse_jax.diffusion import ScheduleConfigError
-    from idfuse_jax.models.clip import ModelConfigError
-    from idfuse_jax.tokenizer import TokenizerError
-    from idfuse_jax.weights import WeightsError
-
-    return (DataError, WeightsError, TokenizerError, ScheduleConfigError, ModelConfigError)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m idfuse_jax.prepare",
@@ -505,7 +495,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (2 with a one-line error on bad input)."""
+    """The command line; returns the exit status (EXIT_USER_ERROR, one line, on bad input)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     kwargs = dict(
@@ -522,11 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = prepare_dreambench(root, args.out, subjects=subjects, **kwargs)
         else:
             results = {root.name: prepare_subject(root, args.out, **kwargs)}
-    except ValueError as e:
-        if not isinstance(e, _user_errors()):
-            raise  # a bug: keep the traceback
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     done = sum(len(r.processed) for r in results.values())
     kept = sum(len(r.skipped) for r in results.values())
     print(f"prepared {done} image(s), {kept} already up to date, in {args.out}")

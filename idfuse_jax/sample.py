@@ -11,7 +11,6 @@ trained LoRA, adapter and FFM); writes one row of `--num_images` images per prom
 
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +18,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from idfuse_jax import errors, metrics, pipeline
-from idfuse_jax.config_lib import ConfigError
+from idfuse_jax import cli, metrics, pipeline
 from idfuse_jax.data import images as images_lib
+from idfuse_jax.errors import ConfigError
 
 flags.DEFINE_string(
     "workdir", None, "A training workdir (config.json, idfuse_weights.safetensors)."
@@ -86,23 +85,20 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    try:
-        images = sample_images(
-            f.workdir,
-            f.prompt,
-            num_images=f.num_images,
-            reference=f.reference,
-            num_steps=f.num_steps,
-            guidance_scale=f.guidance_scale,
-            seed=f.seed,
-        )
-    except errors.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    images = cli.run_or_fail(
+        sample_images,
+        f.workdir,
+        f.prompt,
+        num_images=f.num_images,
+        reference=f.reference,
+        num_steps=f.num_steps,
+        guidance_scale=f.guidance_scale,
+        seed=f.seed,
+    )
     out = pathlib.Path(f.out or pathlib.Path(f.workdir) / "samples" / "sample.png")
     metrics.save_png(out, metrics.image_grid(images, columns=f.num_images))
     print(f"Wrote {len(images)} images to {out}", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -17,12 +17,10 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from idfuse_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-
-
-class MeshError(ValueError):
-    """A mesh shape that does not fit the devices or the batch."""
 
 
 def maybe_initialize_distributed(multihost: bool) -> None:
@@ -50,17 +48,17 @@ def maybe_initialize_distributed(multihost: bool) -> None:
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     """Resolve the ("data", "fsdp") sizes; one of them may be -1 to take the remaining devices."""
     if data == -1 and fsdp == -1:
-        raise MeshError("mesh.data and mesh.fsdp cannot both be -1")
+        raise ConfigError("mesh.data and mesh.fsdp cannot both be -1")
     for name, size in (("data", data), ("fsdp", fsdp)):
         if size == 0 or size < -1:
-            raise MeshError(f"mesh.{name}={size} must be a positive size or -1")
+            raise ConfigError(f"mesh.{name}={size} must be a positive size or -1")
     if data == -1 or fsdp == -1:
         known = fsdp if data == -1 else data
         if num_devices % known:
-            raise MeshError(f"mesh size {known} does not divide the {num_devices} devices")
+            raise ConfigError(f"mesh size {known} does not divide the {num_devices} devices")
         data, fsdp = (num_devices // known, fsdp) if data == -1 else (data, num_devices // known)
     if data * fsdp != num_devices:
-        raise MeshError(
+        raise ConfigError(
             f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {num_devices} are present"
         )
     return data, fsdp
@@ -84,7 +82,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     n = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if batch_size % n:
-        raise MeshError(
+        raise ConfigError(
             f"train.batch_size={batch_size} is not divisible by the {n} devices of the mesh "
             f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); change one of them"
         )

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import regex
 
+from idfuse_jax.errors import WeightsError
+
 # CLIP's context length, used when a folder does not set model_max_length.
 CLIP_MAX_LENGTH = 77
 # transformers writes int(1e30) for "no limit"; such a folder gets CLIP_MAX_LENGTH.
@@ -41,10 +43,6 @@ _WORD_RE = regex.compile(
 )
 _SPACES_RE = regex.compile(r"\s+")
 _END_OF_WORD = "</w>"
-
-
-class TokenizerError(ValueError):
-    """A tokenizer folder or input that cannot be used."""
 
 
 @functools.cache
@@ -89,7 +87,7 @@ class _FixedLengthTokenizer(abc.ABC):
         rows = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TokenizerError(f"text {i} is {type(text).__name__}, not str")
+                raise WeightsError(f"text {i} is {type(text).__name__}, not str")
             rows.append(
                 frame_ids(
                     self.encode(text),
@@ -112,7 +110,7 @@ class ByteTokenizer(_FixedLengthTokenizer):
 
     def __init__(self, model_max_length: int = CLIP_MAX_LENGTH):
         if model_max_length < 2:
-            raise TokenizerError(f"model_max_length={model_max_length} leaves no room for BOS/EOS")
+            raise WeightsError(f"model_max_length={model_max_length} leaves no room for BOS/EOS")
         self.model_max_length = model_max_length
 
     def encode(self, text: str) -> list[int]:
@@ -130,7 +128,7 @@ def _read_json_file(path: pathlib.Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_merges(path: pathlib.Path) -> list[tuple[str, str]]:
@@ -141,7 +139,7 @@ def read_merges(path: pathlib.Path) -> list[tuple[str, str]]:
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise TokenizerError(f"{path}:{number}: expected two symbols, got {line!r}")
+            raise WeightsError(f"{path}:{number}: expected two symbols, got {line!r}")
         pairs.append((parts[0], parts[1]))
     return pairs
 
@@ -174,14 +172,14 @@ class CLIPTokenizer(_FixedLengthTokenizer):
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         for a, b in merges:
             if a + b not in self.vocab:
-                raise TokenizerError(f"merge {a!r} {b!r} makes {a + b!r}, which is not in vocab")
+                raise WeightsError(f"merge {a!r} {b!r} makes {a + b!r}, which is not in vocab")
         specials = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token}
         specials["pad_token"] = pad_token
         for name, token in specials.items():
             if token not in self.vocab:
-                raise TokenizerError(f"{name} {token!r} is not in the vocabulary")
+                raise WeightsError(f"{name} {token!r} is not in the vocabulary")
         if model_max_length < 2:
-            raise TokenizerError(f"model_max_length={model_max_length} leaves no room for BOS/EOS")
+            raise WeightsError(f"model_max_length={model_max_length} leaves no room for BOS/EOS")
         self.bos_token_id = self.vocab[bos_token]
         self.eos_token_id = self.vocab[eos_token]
         self.unk_token_id = self.vocab[unk_token]
@@ -201,7 +199,7 @@ class CLIPTokenizer(_FixedLengthTokenizer):
         folder = pathlib.Path(folder)
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
-                raise TokenizerError(f"{folder}: no {name} (a CLIP tokenizer folder needs it)")
+                raise WeightsError(f"{folder}: no {name} (a CLIP tokenizer folder needs it)")
         settings: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (folder / name).is_file():

@@ -12,6 +12,7 @@ from parity_utils import meta_state_dict, nhwc_to_nchw, perturb_torch_, rel_err
 from safetensors.numpy import load_file, save_file
 
 from idfuse_jax import weights
+from idfuse_jax.errors import WeightsError
 from idfuse_jax.models import clip
 
 F32_BOUND = 1e-4
@@ -265,7 +266,7 @@ def test_config_refusals():
                                               with_projection=False)  # fmt: skip
     with pytest.raises(weights.WeightsError, match=r"unsupported image_size=\[16, 8\]"):
         clip.CLIPVisionConfig.from_transformers({"image_size": [16, 8]}, with_projection=True)
-    with pytest.raises(clip.ModelConfigError, match="not a multiple of num_attention_heads=5"):
+    with pytest.raises(WeightsError, match="not a multiple of num_attention_heads=5"):
         clip.CLIPTextConfig(hidden_size=32, num_attention_heads=5)
 
 
@@ -281,10 +282,10 @@ def test_missing_tensor_is_listed(text_models, tmp_path):
 
 def test_bad_inputs_are_refused(text_models):
     module, params = weights.load_clip_text(text_models["sd2"][1])
-    with pytest.raises(clip.ModelConfigError, match="17 tokens, more than max_position"):
+    with pytest.raises(WeightsError, match="17 tokens, more than max_position"):
         module.apply({"params": params}, jnp.zeros((1, 17), jnp.int32))
     vision = clip.CLIPVisionTransformer(clip.CLIPVisionConfig(**TINY, image_size=16, patch_size=4))
-    with pytest.raises(clip.ModelConfigError, match=r"NHWC \[batch, 16, 16, 3\], got shape"):
+    with pytest.raises(WeightsError, match=r"NHWC \[batch, 16, 16, 3\], got shape"):
         jax.eval_shape(vision.init, jax.random.key(0), jnp.zeros((1, 3, 16, 16)))
 
 

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from idfuse_jax import config_lib, metrics, sharding
+from idfuse_jax.errors import ConfigError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -79,7 +80,7 @@ def test_mesh_shape(data, fsdp, devices, expected):
     [(3, -1, "does not divide"), (2, 2, "4 devices, but 8"), (-1, -1, "cannot both be -1")],
 )
 def test_bad_mesh_is_refused(data, fsdp, message):
-    with pytest.raises(sharding.MeshError, match=message):
+    with pytest.raises(ConfigError, match=message):
         sharding.mesh_shape(data, fsdp, 8)
 
 
@@ -102,7 +103,7 @@ def test_batch_must_divide_over_mesh():
     mesh = sharding.make_mesh(2, 4)
     sharding.check_batch_size(16, mesh)
     with pytest.raises(
-        sharding.MeshError, match=re.escape("train.batch_size=1 is not divisible by the 8")
+        ConfigError, match=re.escape("train.batch_size=1 is not divisible by the 8")
     ):
         sharding.check_batch_size(1, mesh)
 

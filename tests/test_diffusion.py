@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from idfuse_jax import diffusion as dif
+from idfuse_jax.errors import WeightsError
 
 ATOL = 1e-5
 # diffusers' own numpy-2 deprecation noise.
@@ -171,7 +172,7 @@ def test_timesteps_reject_bad_step_counts():
     ],
 )
 def test_unsupported_config_is_refused_by_name(key, value):
-    with pytest.raises(dif.ScheduleConfigError, match=key):
+    with pytest.raises(WeightsError, match=key):
         dif.Schedule.from_config(sd_config(**{key: value}))
 
 

@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 from parity_utils import rel_err
 
-from idfuse_jax.models.lora import LoRAError, lora_init, lora_merge, lora_scale, lora_targets
+from idfuse_jax.models.lora import ConfigError, lora_init, lora_merge, lora_scale, lora_targets
 
 UNET_PATTERN = r".*attn[12]/(to_q|to_k|to_v|to_out_0)/kernel"
 WIDTH, RANK, ALPHA = 16, 4, 8.0
@@ -71,14 +71,14 @@ def test_targets_select_dense_kernels_only(tiny):
 )
 def test_bad_targets_are_refused_by_name(tiny, patterns, message):
     _, params, _, _ = tiny
-    with pytest.raises(LoRAError, match=message):
+    with pytest.raises(ConfigError, match=message):
         lora_init(jax.random.key(0), params, patterns, RANK)
 
 
 @pytest.mark.parametrize("rank", [0, -1, 2.0, True])
 def test_bad_rank_is_refused(tiny, rank):
     _, params, _, _ = tiny
-    with pytest.raises(LoRAError, match="rank must be a positive integer"):
+    with pytest.raises(ConfigError, match="rank must be a positive integer"):
         lora_init(jax.random.key(0), params, [UNET_PATTERN], rank)
 
 
@@ -144,13 +144,15 @@ def test_merge_equals_explicit_product(tiny):
 def test_merge_refuses_mismatched_trees(tiny):
     _, params, _, _ = tiny
     lora = lora_init(jax.random.key(6), params, [UNET_PATTERN], RANK)
-    with pytest.raises(LoRAError, match=r"attn1/to_k: lora_a \(16, 4\) / lora_b \(4, 16\) do not"):
+    with pytest.raises(
+        ConfigError, match=r"attn1/to_k: lora_a \(16, 4\) / lora_b \(4, 16\) do not"
+    ):
         lora_merge(params, lora, ALPHA, 2)
     stray = {"attn3": {"to_q": lora["attn1"]["to_q"]}}
-    with pytest.raises(LoRAError, match="attn3/to_q has no kernel"):
+    with pytest.raises(ConfigError, match="attn3/to_q has no kernel"):
         lora_merge(params, stray, ALPHA, RANK)
     half = {"attn1": {"to_q": {"lora_a": lora["attn1"]["to_q"]["lora_a"]}}}
-    with pytest.raises(LoRAError, match="attn1/to_q must hold exactly lora_a and lora_b"):
+    with pytest.raises(ConfigError, match="attn1/to_q must hold exactly lora_a and lora_b"):
         lora_merge(params, half, ALPHA, RANK)
 
 

@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from idfuse_jax import losses
 from idfuse_jax.losses import (
-    LossError,
+    ConfigError,
     cosine,
     idfuse_loss,
     image_background_loss,
@@ -92,17 +92,17 @@ def test_total_is_weighted_sum_of_terms():
 def test_bad_inputs_are_refused():
     f_s, f = jnp.ones((B, T, D)), jnp.ones((B, D))
     eps = jnp.ones((B, 4, 4, 3))
-    with pytest.raises(LossError, match=r"text_pool must be one of \('mean', 'eos'\), got 'max'"):
+    with pytest.raises(ConfigError, match=r"text_pool must be one of \('mean', 'eos'\), got 'max'"):
         idfuse_loss(eps, eps, eps, f_s, f, f, text_pool="max")
-    with pytest.raises(LossError, match="needs the EOS index"):
+    with pytest.raises(ConfigError, match="needs the EOS index"):
         idfuse_loss(eps, eps, eps, f_s, f, f, text_pool="eos")
-    with pytest.raises(LossError, match=r"eos_index \(3,\) must be \[B\]"):
+    with pytest.raises(ConfigError, match=r"eos_index \(3,\) must be \[B\]"):
         pool_text(f_s, "eos", jnp.zeros(3, jnp.int32))
-    with pytest.raises(LossError, match="lambdas must be 4 numbers"):
+    with pytest.raises(ConfigError, match="lambdas must be 4 numbers"):
         idfuse_loss(eps, eps, eps, f_s, f, f, lambdas=(1.0, 0.1))
-    with pytest.raises(LossError, match=r"prediction \(2, 4, 4, 3\) and target \(2, 4, 4\)"):
+    with pytest.raises(ConfigError, match=r"prediction \(2, 4, 4, 3\) and target \(2, 4, 4\)"):
         idfuse_loss(eps, eps, eps[..., 0], f_s, f, f)
-    with pytest.raises(LossError, match=r"L3: .* got \(2, 16\) and \(2, 12\)"):
+    with pytest.raises(ConfigError, match=r"L3: .* got \(2, 16\) and \(2, 12\)"):
         idfuse_loss(eps, eps, eps, f_s, f, jnp.ones((B, D_IMG)))
 
 

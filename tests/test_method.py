@@ -9,16 +9,16 @@ import pytest
 from flax import traverse_util
 from parity_utils import rel_err
 
-from idfuse_jax.models.adapter import AdapterError, ImageAdapter
+from idfuse_jax.errors import ConfigError
+from idfuse_jax.models.adapter import ImageAdapter
 from idfuse_jax.models.conditioning import (
-    ConditioningError,
     IdFuse,
     combine,
     reference_conditioning,
     text_conditioning,
     training_conditioning,
 )
-from idfuse_jax.models.ffm import FFM, FFMError
+from idfuse_jax.models.ffm import FFM
 
 B, T, D_IMG, D, K = 2, 5, 12, 16, 4
 
@@ -105,11 +105,11 @@ def test_adapter_mask_in_open_unit_interval(idfuse):
 
 def test_adapter_refuses_wrong_width(idfuse):
     _, params = idfuse
-    with pytest.raises(AdapterError, match=r"width 12, got shape \(2, 16\)"):
+    with pytest.raises(ConfigError, match=r"width 12, got shape \(2, 16\)"):
         ImageAdapter(D_IMG, D).apply({"params": params["adapter"]}, jnp.zeros((B, D)))
-    with pytest.raises(AdapterError, match=r"ImageAdapter\.text_width must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"ImageAdapter\.text_width must be a positive integer"):
         ImageAdapter(D_IMG, 0).init(jax.random.key(0), jnp.zeros((B, D_IMG)))
-    with pytest.raises(AdapterError, match=r"ImageAdapter\.hidden_mult must be positive, got -1"):
+    with pytest.raises(ConfigError, match=r"ImageAdapter\.hidden_mult must be positive, got -1"):
         ImageAdapter(D_IMG, D, hidden_mult=-1).init(jax.random.key(0), jnp.zeros((B, D_IMG)))
 
 
@@ -171,11 +171,11 @@ def test_ffm_hidden_width_and_bad_config(feats):
     x = feats["text"]
     shapes = jax.eval_shape(FFM(2, hidden_mult=0.5).init, jax.random.key(0), x)["params"]
     assert shapes["w_in"].shape == (2, D, D // 2) and shapes["b_out"].shape == (2, D)
-    with pytest.raises(FFMError, match="num_experts must be a positive integer, got 0"):
+    with pytest.raises(ConfigError, match="num_experts must be a positive integer, got 0"):
         FFM(0).init(jax.random.key(0), x)
-    with pytest.raises(FFMError, match="hidden_mult must be positive, got 0"):
+    with pytest.raises(ConfigError, match="hidden_mult must be positive, got 0"):
         FFM(2, hidden_mult=0).init(jax.random.key(0), x)
-    with pytest.raises(FFMError, match=r"token features \[..., T, D\], got shape \(16,\)"):
+    with pytest.raises(ConfigError, match=r"token features \[..., T, D\], got shape \(16,\)"):
         FFM(2).init(jax.random.key(0), x[0, 0])
 
 
@@ -248,15 +248,15 @@ def test_background_feature_carries_no_gradient(idfuse, feats):
 def test_conditioning_refuses_bad_input(idfuse, feats):
     model, params = idfuse
     text, image, bg = feats["text"], feats["image"], feats["background"]
-    with pytest.raises(ConditioningError, match=r"method.background must be one of .* 'both'"):
+    with pytest.raises(ConfigError, match=r"method.background must be one of .* 'both'"):
         training_conditioning(model, params, text, image, bg, background="both")
-    with pytest.raises(ConditioningError, match=r"background embeddings \(1, 12\) do not match"):
+    with pytest.raises(ConfigError, match=r"background embeddings \(1, 12\) do not match"):
         training_conditioning(model, params, text, image, bg[:1])
-    with pytest.raises(ConditioningError, match=r"image features \(3, 16\) do not fit"):
+    with pytest.raises(ConfigError, match=r"image features \(3, 16\) do not fit"):
         combine(text, jnp.zeros((3, D)))
-    with pytest.raises(ConditioningError, match=r"got \(2, 16\) and \(2, 16\)"):
+    with pytest.raises(ConfigError, match=r"got \(2, 16\) and \(2, 16\)"):
         combine(text[:, 0], jnp.zeros((B, D)))
-    with pytest.raises(ConditioningError, match=r"expected text features \[B, T, D\]"):
+    with pytest.raises(ConfigError, match=r"expected text features \[B, T, D\]"):
         text_conditioning(model, params, text[0])
 
 

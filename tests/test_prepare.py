@@ -303,7 +303,7 @@ def test_cli_module_exit_status(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'empty'}: no images (JPEG, PNG or WebP)"
     ]

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from idfuse_jax import weights
-from idfuse_jax.tokenizer import ByteTokenizer, CLIPTokenizer, TokenizerError, byte_to_unicode
+from idfuse_jax.tokenizer import ByteTokenizer, CLIPTokenizer, WeightsError, byte_to_unicode
 
 CORPUS = (
     "a photo of a sks dog on the beach in the snow with a red ball. "
@@ -129,13 +129,13 @@ def test_pipeline_folder_and_unknown_chars(tmp_path):
 def test_clip_tokenizer_errors(tmp_path):
     folder = write_tokenizer(tmp_path / "tok", pad_token="<|endoftext|>")
     (folder / "merges.txt").unlink()
-    with pytest.raises(TokenizerError, match=r"no merges\.txt"):
+    with pytest.raises(WeightsError, match=r"no merges\.txt"):
         CLIPTokenizer.from_folder(folder)
-    with pytest.raises(TokenizerError, match=r"pad_token '<pad>' is not in the vocabulary"):
+    with pytest.raises(WeightsError, match=r"pad_token '<pad>' is not in the vocabulary"):
         CLIPTokenizer({"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}, [], pad_token="<pad>")
-    with pytest.raises(TokenizerError, match=r"merge 'a' 'b' makes 'ab'"):
+    with pytest.raises(WeightsError, match=r"merge 'a' 'b' makes 'ab'"):
         CLIPTokenizer({"a": 0, "b": 1, "<|startoftext|>": 2, "<|endoftext|>": 3}, [("a", "b")])
-    with pytest.raises(TokenizerError, match=r"text 1 is int"):
+    with pytest.raises(WeightsError, match=r"text 1 is int"):
         ByteTokenizer()(["ok", 3])
 
 

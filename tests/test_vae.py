@@ -18,8 +18,8 @@ from parity_utils import nchw_to_nhwc, nhwc_to_nchw, rel_err
 from safetensors.numpy import save_file
 
 from idfuse_jax import weights
+from idfuse_jax.errors import WeightsError
 from idfuse_jax.models import vae as vae_lib
-from idfuse_jax.weights import WeightsError
 
 F32_BOUND = 1e-4
 # bfloat16 compute (float32 params) against the float32 reference: measured 0.9e-2 (mean),

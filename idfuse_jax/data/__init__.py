@@ -4,7 +4,6 @@ Data-side arrays are uint8 (images [H, W, 3], masks [H, W] in {0, 1}); the pipel
 model float32 images in [-1, 1]. Bad input raises `DataError` (a ValueError) naming the culprit.
 """
 
-from idfuse_jax.data.errors import DataError
 from idfuse_jax.data.images import (
     Subject,
     list_images,
@@ -16,6 +15,7 @@ from idfuse_jax.data.images import (
 )
 from idfuse_jax.data.pipeline import make_dataset, make_iterator
 from idfuse_jax.data.synthetic import synthetic_subject, write_synthetic_subject
+from idfuse_jax.errors import DataError
 
 __all__ = [
     "DataError",

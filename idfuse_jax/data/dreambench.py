@@ -30,7 +30,6 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from idfuse_jax.data.errors import DataError
 from idfuse_jax.data.images import (
     BACKGROUNDS_DIR,
     MASKS_DIR,
@@ -39,6 +38,7 @@ from idfuse_jax.data.images import (
     read_image,
     read_mask,
 )
+from idfuse_jax.errors import DataError
 
 PathLike = str | pathlib.Path
 

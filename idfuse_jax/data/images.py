@@ -18,7 +18,7 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageOps
 
-from idfuse_jax.data.errors import DataError
+from idfuse_jax.errors import DataError
 
 PathLike = str | pathlib.Path
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from idfuse_jax.data.errors import DataError
 from idfuse_jax.data.images import SPATIAL_KEYS, flip, resize_crop, to_model
+from idfuse_jax.errors import DataError
 
 
 class _Indexed(Sequence):

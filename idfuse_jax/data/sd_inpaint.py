@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idfuse_jax import diffusion, weights
-from idfuse_jax.data.errors import DataError
+from idfuse_jax.errors import DataError
 
 PathLike = str | pathlib.Path
 

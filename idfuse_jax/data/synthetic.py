@@ -14,8 +14,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from idfuse_jax.data.errors import DataError
 from idfuse_jax.data.images import BACKGROUNDS_DIR, MASKS_DIR
+from idfuse_jax.errors import DataError
 
 PathLike = str | pathlib.Path
 

@@ -15,9 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-class AdapterError(ValueError):
-    """An adapter configuration or input that does not fit."""
+from idfuse_jax.errors import ConfigError
 
 
 class ImageAdapter(nn.Module):
@@ -39,9 +37,9 @@ class ImageAdapter(nn.Module):
         for name in ("image_width", "text_width"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise AdapterError(f"ImageAdapter.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"ImageAdapter.{name} must be a positive integer, got {value!r}")
         if not self.hidden_mult > 0:
-            raise AdapterError(
+            raise ConfigError(
                 f"ImageAdapter.hidden_mult must be positive, got {self.hidden_mult!r}"
             )
         # Zero init as DisenBooth: σ(0) = 0.5 halves every feature at step 0.
@@ -77,7 +75,7 @@ class ImageAdapter(nn.Module):
 
     def _check_width(self, x: jax.Array) -> None:
         if x.shape[-1] != self.image_width:
-            raise AdapterError(
+            raise ConfigError(
                 f"ImageAdapter expects image features of width {self.image_width}, "
                 f"got shape {tuple(x.shape)}"
             )

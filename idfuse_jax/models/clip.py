@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idfuse_jax.errors import WeightsError
+from idfuse_jax.formats import check_config_keys, require_value
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
-from idfuse_jax.weights import WeightsError, check_config_keys, require_value
 
 # OpenAI CLIP's image normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -82,10 +83,6 @@ HF_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
 }
 
 
-class ModelConfigError(ValueError):
-    """A model configuration with values the module cannot build."""
-
-
 def check_transformers_config(
     config: Mapping[str, Any],
     implemented: Iterable[str],
@@ -125,12 +122,12 @@ def validate_widths(config: Any) -> None:
     """Shared checks of the transformer-width fields of a config dataclass."""
     name = type(config).__name__
     if config.hidden_size % config.num_attention_heads:
-        raise ModelConfigError(
+        raise WeightsError(
             f"{name}: hidden_size={config.hidden_size} is not a multiple of "
             f"num_attention_heads={config.num_attention_heads}"
         )
     if config.hidden_act not in ACTIVATIONS:
-        raise ModelConfigError(
+        raise WeightsError(
             f"{name}: unsupported hidden_act={config.hidden_act!r} "
             f"(supported: {sorted(ACTIVATIONS)})"
         )
@@ -141,7 +138,7 @@ def config_from_dict(cls: type, values: Mapping[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         return cls(**{k: v for k, v in values.items() if k in names})
-    except ModelConfigError as e:
+    except WeightsError as e:
         raise WeightsError(f"{where}: {e}") from None
 
 
@@ -230,7 +227,7 @@ class CLIPVisionConfig:
     def __post_init__(self) -> None:
         validate_widths(self)
         if self.image_size % self.patch_size:
-            raise ModelConfigError(
+            raise WeightsError(
                 f"CLIPVisionConfig: image_size={self.image_size} is not a multiple of "
                 f"patch_size={self.patch_size}"
             )
@@ -394,9 +391,9 @@ class CLIPTextTransformer(nn.Module):
     def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
         c = self.config
         if input_ids.ndim != 2:
-            raise ModelConfigError(f"input_ids must be [batch, tokens], got {input_ids.shape}")
+            raise WeightsError(f"input_ids must be [batch, tokens], got {input_ids.shape}")
         if input_ids.shape[1] > c.max_position_embeddings:
-            raise ModelConfigError(
+            raise WeightsError(
                 f"input_ids has {input_ids.shape[1]} tokens, more than max_position_embeddings="
                 f"{c.max_position_embeddings}"
             )
@@ -414,7 +411,7 @@ def check_image_input(pixels: jax.Array, image_size: int, num_channels: int) -> 
     """Refuse anything but NHWC [B, image_size, image_size, num_channels]."""
     expected = (image_size, image_size, num_channels)
     if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
-        raise ModelConfigError(
+        raise WeightsError(
             f"pixel input must be NHWC [batch, {image_size}, {image_size}, {num_channels}], "
             f"got shape {tuple(pixels.shape)}"
         )
@@ -517,9 +514,9 @@ def preprocess_image(
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ModelConfigError(f"image must be RGB [H, W, 3], got shape {image.shape}")
+        raise WeightsError(f"image must be RGB [H, W, 3], got shape {image.shape}")
     if crop_to > resize_to:
-        raise ModelConfigError(f"crop_to={crop_to} is larger than resize_to={resize_to}")
+        raise WeightsError(f"crop_to={crop_to} is larger than resize_to={resize_to}")
     is_uint8 = image.dtype == np.uint8
     x = image.astype(np.float32) * (1.0 if is_uint8 else 255.0)
     h, w = shortest_edge_size(image.shape[0], image.shape[1], resize_to)

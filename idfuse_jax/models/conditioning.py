@@ -20,15 +20,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idfuse_jax.errors import ConfigError
 from idfuse_jax.models.adapter import ImageAdapter
 from idfuse_jax.models.ffm import FFM
 
 BACKGROUND_MODES = ("implicit", "explicit")
 Params = Mapping[str, Any]
-
-
-class ConditioningError(ValueError):
-    """Features or options that cannot be combined into a conditioning."""
 
 
 class IdFuse(nn.Module):
@@ -81,14 +78,14 @@ def combine(text_features: jax.Array, image_features: jax.Array) -> jax.Array:
     Either batch may be 1 and broadcast against the other (one prompt for a batch of images).
     """
     if text_features.ndim != 3 or image_features.ndim != 2:
-        raise ConditioningError(
+        raise ConfigError(
             f"expected text features [B, T, D] and image features [B, D], got "
             f"{tuple(text_features.shape)} and {tuple(image_features.shape)}"
         )
     b, _, d = text_features.shape
     n = image_features.shape[0]
     if image_features.shape[-1] != d or (n != b and 1 not in (n, b)):
-        raise ConditioningError(
+        raise ConfigError(
             f"image features {tuple(image_features.shape)} do not fit text features "
             f"{tuple(text_features.shape)}"
         )
@@ -140,11 +137,11 @@ def training_conditioning(
         passed through the adapter's trainable projection when D_img != D).
     """
     if background not in BACKGROUND_MODES:
-        raise ConditioningError(
+        raise ConfigError(
             f"method.background must be one of {BACKGROUND_MODES}, got {background!r}"
         )
     if background_embeds.shape != image_embeds.shape:
-        raise ConditioningError(
+        raise ConfigError(
             f"background embeddings {tuple(background_embeds.shape)} do not match image "
             f"embeddings {tuple(image_embeds.shape)}"
         )
@@ -161,9 +158,7 @@ def text_conditioning(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """FFM(E_T(prompt)): the inference conditioning (and its unconditional counterpart)."""
     if text_features.ndim != 3:
-        raise ConditioningError(
-            f"expected text features [B, T, D], got {tuple(text_features.shape)}"
-        )
+        raise ConfigError(f"expected text features [B, T, D], got {tuple(text_features.shape)}")
     return _apply(model, params, "fuse", text_features)
 
 

@@ -15,9 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-class FFMError(ValueError):
-    """An FFM configuration or input that does not fit."""
+from idfuse_jax.errors import ConfigError
 
 
 def router_entropy(weights: jax.Array) -> jax.Array:
@@ -46,11 +44,13 @@ class FFM(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise FFMError(f"FFM.num_experts must be a positive integer, got {self.num_experts!r}")
+            raise ConfigError(
+                f"FFM.num_experts must be a positive integer, got {self.num_experts!r}"
+            )
         if not self.hidden_mult > 0:
-            raise FFMError(f"FFM.hidden_mult must be positive, got {self.hidden_mult!r}")
+            raise ConfigError(f"FFM.hidden_mult must be positive, got {self.hidden_mult!r}")
         if x.ndim < 2:
-            raise FFMError(f"FFM expects token features [..., T, D], got shape {tuple(x.shape)}")
+            raise ConfigError(f"FFM expects token features [..., T, D], got shape {tuple(x.shape)}")
         k, d = self.num_experts, x.shape[-1]
         h = max(1, round(self.hidden_mult * d))
         # Fan-in scaling per expert: the leading K axis is a batch axis, not a fan axis.

@@ -22,12 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from idfuse_jax.errors import ConfigError
+
 Params = Mapping[str, Any]
 _SEP = "/"
-
-
-class LoRAError(ValueError):
-    """A LoRA configuration or tree that does not fit the parameters it targets."""
 
 
 def _flatten(tree: Params) -> dict[str, Any]:
@@ -38,27 +36,29 @@ def lora_targets(params: Params, patterns: str | Sequence[str]) -> list[str]:
     """Sorted '/'-joined paths of the Dense kernels that `patterns` select.
 
     `patterns` is one regex or a sequence of them; each must fully match a path.
-    Raises LoRAError for an invalid pattern, a pattern that matches nothing, or a match that is
+    Raises ConfigError for an invalid pattern, a pattern that matches nothing, or a match that is
     not a 2-D `kernel` (biases, norms and convolutions cannot carry this LoRA).
     """
     if isinstance(patterns, str):
         patterns = [patterns]
     if not patterns:
-        raise LoRAError("LoRA target patterns must be a regex or a non-empty list of regexes")
+        raise ConfigError("LoRA target patterns must be a regex or a non-empty list of regexes")
     flat = _flatten(params)
     selected: set[str] = set()
     for pattern in patterns:
         try:
             regex = re.compile(pattern)
         except re.error as e:
-            raise LoRAError(f"LoRA target pattern {pattern!r} is not a valid regex ({e})") from None
+            raise ConfigError(
+                f"LoRA target pattern {pattern!r} is not a valid regex ({e})"
+            ) from None
         matches = [path for path in flat if regex.fullmatch(path)]
         if not matches:
-            raise LoRAError(f"LoRA target pattern {pattern!r} matches no parameter")
+            raise ConfigError(f"LoRA target pattern {pattern!r} matches no parameter")
         for path in matches:
             shape = tuple(flat[path].shape)
             if not path.endswith(_SEP + "kernel") or len(shape) != 2:
-                raise LoRAError(
+                raise ConfigError(
                     f"LoRA target {path} (shape {shape}) is not a 2-D Dense kernel "
                     f"(matched by {pattern!r})"
                 )
@@ -68,7 +68,7 @@ def lora_targets(params: Params, patterns: str | Sequence[str]) -> list[str]:
 
 def _check_rank(rank: int) -> None:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise LoRAError(f"LoRA rank must be a positive integer, got {rank!r}")
+        raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}")
 
 
 def lora_init(
@@ -115,14 +115,14 @@ def lora_merge(params: Params, lora_params: Params, alpha: float, rank: int) -> 
         name = _SEP.join(module)
         extra = {k[-1] for k in factors if k[:-1] == module} - {"lora_a", "lora_b"}
         if extra or (*module, "lora_a") not in factors or (*module, "lora_b") not in factors:
-            raise LoRAError(f"LoRA module {name} must hold exactly lora_a and lora_b")
+            raise ConfigError(f"LoRA module {name} must hold exactly lora_a and lora_b")
         kernel_key = (*module, "kernel")
         if kernel_key not in flat:
-            raise LoRAError(f"LoRA module {name} has no kernel in the base parameters")
+            raise ConfigError(f"LoRA module {name} has no kernel in the base parameters")
         a, b = factors[(*module, "lora_a")], factors[(*module, "lora_b")]
         kernel = flat[kernel_key]
         if a.shape != (kernel.shape[0], rank) or b.shape != (rank, kernel.shape[-1]):
-            raise LoRAError(
+            raise ConfigError(
                 f"LoRA module {name}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} do not "
                 f"fit kernel {tuple(kernel.shape)} at rank {rank}"
             )

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idfuse_jax.errors import WeightsError
+from idfuse_jax.formats import check_config_keys, require_value
 from idfuse_jax.models.blocks import (
     Downsample2D,
     GroupNorm,
@@ -25,7 +27,6 @@ from idfuse_jax.models.blocks import (
     conv,
     timestep_embedding,
 )
-from idfuse_jax.weights import WeightsError, check_config_keys, require_value
 
 Dtype = Any
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")

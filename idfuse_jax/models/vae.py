@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idfuse_jax.errors import WeightsError
+from idfuse_jax.formats import check_config_keys, require_value
 from idfuse_jax.models.blocks import (
     Downsample2D,
     GroupNorm,
@@ -22,7 +24,6 @@ from idfuse_jax.models.blocks import (
     conv,
     multi_head_attention,
 )
-from idfuse_jax.weights import WeightsError, check_config_keys, require_value
 
 Dtype = Any
 _EPS = 1e-6  # diffusers' Encoder/Decoder fix every norm's epsilon at 1e-6

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
 from idfuse_jax.models.clip import (
     ACTIVATIONS,
-    ModelConfigError,
+    WeightsError,
     check_image_input,
     check_transformers_config,
     config_from_dict,
@@ -37,7 +37,6 @@ from idfuse_jax.models.clip import (
     square_size,
     validate_widths,
 )
-from idfuse_jax.weights import WeightsError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +57,7 @@ class ViTConfig:
     def __post_init__(self) -> None:
         validate_widths(self)
         if self.image_size % self.patch_size:
-            raise ModelConfigError(
+            raise WeightsError(
                 f"ViTConfig: image_size={self.image_size} is not a multiple of "
                 f"patch_size={self.patch_size}"
             )

@@ -1,0 +1,157 @@
+"""Checkpoint formats as diffusers and transformers write them: config.json, safetensors.
+
+The bottom of the loading stack: readers that turn files into dicts and numpy arrays, and the
+config checks that the model configs use (`check_config_keys`, `require_value`). It knows no
+model; `idfuse_jax.weights` maps what these read onto our parameter trees.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from idfuse_jax.errors import WeightsError
+
+PathLike = str | pathlib.Path
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_json(path: PathLike) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(folder: PathLike) -> dict[str, Any]:
+    """The component's `config.json`."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights folder not found")
+    return read_json(folder / "config.json")
+
+
+def component_dir(folder: PathLike, component: str) -> pathlib.Path:
+    """`folder/component` if `folder` is a diffusers pipeline folder, else `folder` itself."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights folder not found")
+    if (folder / "model_index.json").is_file():
+        sub = folder / component
+        if not sub.is_dir():
+            raise WeightsError(f"{folder}: pipeline folder has no {component}/ subfolder")
+        return sub
+    return folder
+
+
+def read_safetensors_file(path: PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one .safetensors file, memory-mapped, as numpy (bfloat16 included)."""
+    path = pathlib.Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise WeightsError(f"{path}: truncated safetensors file")
+        header_len = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{path}: corrupt safetensors header") from None
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if end > data.size:
+            raise WeightsError(f"{path}: truncated safetensors file (tensor {name})")
+        tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+    return tensors
+
+
+def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = read_json(index[0]).get("weight_map", {})
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    # Prefer full-precision files where a variant (e.g. *.fp16.safetensors) sits beside them.
+    plain = [f for f in files if f.name.count(".") == 1]
+    return plain or files
+
+
+def read_safetensors(folder: PathLike) -> dict[str, np.ndarray]:
+    """Every tensor in the folder's safetensors files (sharded checkpoints included)."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights folder not found")
+    files = _weight_files(folder)
+    if not files:
+        torch_files = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt*")
+        )
+        if torch_files:
+            raise WeightsError(
+                f"{folder}: holds only PyTorch pickle weights ({', '.join(torch_files)}); "
+                'convert once with torch installed: `python -c "import sys, transformers; '
+                "m = transformers.AutoModel.from_pretrained(sys.argv[1]); "
+                'm.save_pretrained(sys.argv[1], safe_serialization=True)" FOLDER` '
+                "(diffusers models: the model class's from_pretrained / save_pretrained likewise)"
+            )
+        raise WeightsError(f"{folder}: no *.safetensors weight files")
+    tensors: dict[str, np.ndarray] = {}
+    for path in files:
+        if not path.is_file():
+            raise WeightsError(f"{path}: weight file listed in the index is missing")
+        tensors.update(read_safetensors_file(path))
+    return tensors
+
+
+def check_config_keys(
+    config: Mapping[str, Any],
+    supported: Iterable[str],
+    ignored: Iterable[str] = (),
+    *,
+    where: str,
+) -> None:
+    """Refuse config keys we do not implement (so nothing is silently ignored).
+
+    `ignored` lists keys that carry no meaning for the computation (names, versions).
+    """
+    allowed = set(supported) | set(ignored)
+    unknown = sorted(k for k in config if k not in allowed and not k.startswith("_"))
+    if unknown:
+        raise WeightsError(f"{where}: unsupported config keys {unknown}")
+
+
+def require_value(
+    config: Mapping[str, Any], key: str, allowed: Iterable[Any], *, where: str, default: Any = None
+) -> Any:
+    """Return config[key] (or `default` when absent), refusing values outside `allowed`."""
+    allowed = list(allowed)
+    value = config.get(key, default)
+    if value not in allowed:
+        raise WeightsError(f"{where}: unsupported {key}={value!r} (supported: {allowed})")
+    return value
