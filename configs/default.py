@@ -93,6 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
     c.train.sample_every = 250  # sample grid in workdir/samples/step_N.png (and at the end)
+    # Multi-host: processes agree on a SIGTERM/SIGINT every this many steps (one wait for the
+    # device each time; a lone process checks every step for free).
+    c.train.stop_check_every = 10
     c.train.peak_tflops_per_device = 0.0  # for MFU; 0 looks the device kind up (None if unknown)
     c.train.inject_nan_at_step = -1  # testing aid: make the loss NaN at this step (1-based)
 

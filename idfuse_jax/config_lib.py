@@ -36,6 +36,7 @@ POSITIVE = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.sample_every",
+    "train.stop_check_every",
     "sample.num_steps",
 )
 NON_NEGATIVE = (

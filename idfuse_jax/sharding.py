@@ -3,6 +3,10 @@
 One Mesh with axes ("data", "fsdp"). The batch is split over both axes; frozen weights are split
 over "fsdp" along their largest divisible dimension (FSDP: XLA all-gathers them where used);
 trainable state (LoRA, adapter, FFM and their optimiser moments) is small and replicated.
+
+Multi-host: the mesh spans every process's devices, and no process may place data on another's.
+Host (numpy) values go through `put` (each process hands its own devices their slices); values
+computed on device go through `replicate` (a jitted copy with an output sharding).
 """
 
 from __future__ import annotations
@@ -35,7 +39,13 @@ def maybe_initialize_distributed(multihost: bool) -> None:
         for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
             if os.environ.get(env):
                 kwargs[arg] = int(os.environ[env])
-        jax.distributed.initialize(**kwargs)
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as e:  # no coordinator found: not on a TPU slice or cluster
+            raise ConfigError(
+                f"config.multihost=true: {e}; set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                "JAX_PROCESS_ID (launch/gpu_node.sh does) or run under SLURM or on a TPU slice"
+            ) from None
         logging.info(
             "process %d of %d, %d local / %d global devices",
             jax.process_index(),
@@ -119,6 +129,16 @@ def put(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(place, tree, shardings)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A full copy of each leaf on every device of `mesh`, which may span processes.
+
+    For values every process computed identically on device (initial state, keys, subject
+    features): every process runs the same copy program, each filling its own devices.
+    `jax.device_put` cannot do this once the mesh has devices of other processes.
+    """
+    return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
 
 
 def global_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:

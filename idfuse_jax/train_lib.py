@@ -165,10 +165,17 @@ class _StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
-def _should_stop(flag: _StopFlag) -> bool:
-    """Whether any process got a signal: all processes must stop (and save) at the same step."""
+def _should_stop(flag: _StopFlag, step: int, check_every: int) -> bool:
+    """Whether any process got a signal: all processes must stop (and save) at the same step.
+
+    A lone process reads its own flag at every step. Several processes agree only at steps that
+    are multiples of `check_every`, all at the same steps: the agreement is a collective, so the
+    host waits there for the device to finish the steps in flight, which it must not do every step.
+    """
     if jax.process_count() == 1:
         return flag.signal_name is not None
+    if step % check_every:
+        return False
     from jax.experimental import multihost_utils
 
     stops = multihost_utils.process_allgather(np.int32(flag.signal_name is not None))
@@ -290,6 +297,27 @@ class _Reporter:
         self.last_fetch = time.perf_counter()
 
 
+def _initial_state(
+    config: ml_collections.ConfigDict,
+    models: pipeline.Models,
+    frozen: Params,
+    optimizer: optax.GradientTransformation,
+    out_sharding: jax.sharding.Sharding,
+) -> tuple[TrainState, jax.Array]:
+    """(initial train state, the key of the per-step randomness), both placed by `out_sharding`.
+
+    Computed by one jitted program that every process runs: a mesh spanning processes takes
+    no host-to-device copies from a single process.
+    """
+
+    def init(frozen):
+        init_key, step_key = jax.random.split(jax.random.key(config.seed))
+        trainable = pipeline.init_trainable(init_key, models, config, frozen)
+        return init_train_state(trainable, optimizer), step_key
+
+    return jax.jit(init, out_shardings=out_sharding)(frozen)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
     """Train one subject; resume from workdir's latest checkpoint if there is one."""
     config_lib.validate(config)
@@ -312,13 +340,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     del frozen["image"]  # the image encoder's work is done: free its memory
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
-    init_key, step_key = jax.random.split(jax.random.key(config.seed))
     schedule = learning_rate_schedule(config.optim, config.train.steps)
     optimizer = make_optimizer(config.optim, schedule)
-    trainable = pipeline.init_trainable(init_key, models, config, frozen)
-    state = jax.device_put(init_train_state(trainable, optimizer), replicated)
-    subject = jax.device_put(subject, replicated)
-    step_key = jax.device_put(step_key, replicated)
+    state, step_key = _initial_state(config, models, frozen, optimizer, replicated)
+    subject = sharding.replicate(subject, mesh)
 
     step_fn = jax.jit(
         functools.partial(
@@ -374,7 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     step = start_step
     try:
         with _stop_on_signals(stop):
-            while step < config.train.steps and not _should_stop(stop):
+            check_every = config.train.stop_check_every
+            while step < config.train.steps and not _should_stop(stop, step, check_every):
                 indices = sharding.global_batch(np.asarray(next(data_iter), np.int32), mesh)
                 state, out = compiled(state, frozen, subject, indices, step_key)
                 step += 1

@@ -1,19 +1,46 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM slice: runs the same command on every host of the slice.
+# Train on a Cloud TPU VM slice (v4, v5e, v5p, v6e; one host or many).
 #
-#   launch/tpu_vm.sh TPU_NAME ZONE --config configs/dog.py --workdir gs://bucket/runs/dog \
-#       --config.train.batch_size=32 --config.mesh.fsdp=4
+#   launch/tpu_vm.sh [--dry-run] [--skip-install] TPU_NAME ZONE --config configs/dog.py \
+#       --workdir gs://bucket/runs/dog --config.train.batch_size=32 --config.mesh.fsdp=4
 #
-# Expects the repo and the weights at the same paths on every host (e.g. a shared disk or a
-# previous `gcloud compute tpus tpu-vm scp`). jax.distributed.initialize() finds the
-# coordinator on TPU VMs by itself; --config.multihost=true asks for it.
+# 1. packs this checkout's tracked files (as they are on disk) and copies them to every worker,
+# 2. installs them with JAX's TPU build on every worker (skipped with --skip-install),
+# 3. runs the same training command on every worker at once; jax.distributed.initialize() finds
+#    the coordinator and the process ids on TPU VMs by itself.
+# Weights and photos must be at the same paths on every worker; the workdir on GCS (gs://...) or
+# a disk every worker shares. REMOTE_DIR is the code's folder on the workers (default idfuse_jax,
+# under the home folder). --dry-run prints the commands instead of running them.
 set -euo pipefail
-if [ $# -lt 2 ]; then
-  echo "usage: $0 TPU_NAME ZONE [train flags...]" >&2
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+shift "$SHIFT"
+install=1
+if [[ ${1:-} == --skip-install ]]; then
+  install=0
+  shift
+fi
+if (($# < 2)); then
+  echo "usage: $0 [--dry-run] [--skip-install] TPU_NAME ZONE --config FILE --workdir DIR [--config.a.b=v ...]" >&2
   exit 2
 fi
 tpu=$1 zone=$2
 shift 2
-repo=${IDFUSE_REPO:-~/idfuse_jax}
-gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
-  "cd $repo && pip install -q -e . 'jax[tpu]' && python -m idfuse_jax.train --config.multihost=true $(printf '%q ' "$@")"
+remote=${REMOTE_DIR:-idfuse_jax}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+archive=${TMPDIR:-/tmp}/idfuse_jax_code.tar.gz
+ssh=(gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command)
+python=${PYTHON:-python3}
+if ((install)); then
+  if [[ -n $(git -C "$repo" status --porcelain --untracked-files=no) ]]; then
+    echo "warning: uncommitted changes in $repo are not copied (the workers get HEAD)" >&2
+  fi
+  run git -C "$repo" archive --format=tar.gz --output="$archive" HEAD
+  run gcloud compute tpus tpu-vm scp "$archive" "$tpu:idfuse_jax_code.tar.gz" --zone="$zone" \
+    --worker=all
+  run "${ssh[@]}" "rm -rf $(quoted "$remote") && mkdir -p $(quoted "$remote") && tar -xzf \
+idfuse_jax_code.tar.gz -C $(quoted "$remote") && $python -m pip install -q -e $(quoted "$remote") \
+'jax[tpu]'"
+fi
+train_command "$@"
+run "${ssh[@]}" "cd $(quoted "$remote") && $(quoted "${TRAIN[@]}")"
