@@ -11,9 +11,17 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import flags
 
 
 def manager(directory: str | pathlib.Path, keep: int) -> ocp.CheckpointManager:
+    """Every process calls this, and then save/restore/wait, alike; process 0 writes metadata.
+
+    Several processes: orbax's barriers go through jax's coordination service (host only, with
+    timeouts) rather than device collectives, which would wait for the steps in flight.
+    """
+    if jax.process_count() > 1 and flags.FLAGS.is_parsed():
+        flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 

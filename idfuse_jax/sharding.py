@@ -11,6 +11,7 @@ computed on device go through `replicate` (a jitted copy with an output sharding
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -125,10 +126,39 @@ def put(tree: Any, shardings: Any) -> Any:
     """
 
     def place(x, sharding):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        x = np.asarray(x)  # a device array (even one on every process's devices) to the host
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(place, tree, shardings)
+
+
+def whole_mesh_programs(mesh: Mesh) -> contextlib.AbstractContextManager:
+    """With several processes: run every program without explicit shardings (model init, per-
+    subject features, eager ops) on all devices of `mesh`, replicated.
+
+    Such programs otherwise run on each process's first device, a program of its own that only
+    process 0 may write to the persistent compilation cache (on CPU and TPU its device ids are
+    part of the cache key): every other process would compile them all again on every run. One
+    process: nothing changes.
+    """
+    if jax.process_count() == 1:
+        return contextlib.nullcontext()
+    return jax.set_mesh(mesh)
+
+
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process gets here: a host barrier through jax's coordination service.
+
+    Before the first collective after work whose time varies between hosts (compiles): CPU
+    collectives (gloo) give up when a peer is more than 30 s late to set up a collective.
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    multihost.sync_global_processes(
+        name, timeout=timeout_s, processes=set(range(jax.process_count()))
+    )
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

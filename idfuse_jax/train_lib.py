@@ -321,9 +321,15 @@ def _initial_state(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
     """Train one subject; resume from workdir's latest checkpoint if there is one."""
     config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
     sharding.maybe_initialize_distributed(config.multihost)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    with sharding.whole_mesh_programs(mesh):
+        _train(config, pathlib.Path(workdir), mesh)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh
+) -> None:
     sharding.check_batch_size(config.train.batch_size, mesh)
     logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
     is_main = jax.process_index() == 0
@@ -394,6 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             writer.write_image(step, "samples", grid)
             logging.info("samples written to %s", path)
 
+    sharding.sync_processes("idfuse_jax: ready to train")
     pending: tuple[int, dict[str, jax.Array]] | None = None
     stop = _StopFlag()
     step = start_step
