@@ -11,10 +11,9 @@ computed on device go through `replicate` (a jitted copy with an output sharding
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -126,31 +125,18 @@ def put(tree: Any, shardings: Any) -> Any:
     """
 
     def place(x, sharding):
-        x = np.asarray(x)  # a device array (even one on every process's devices) to the host
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(place, tree, shardings)
 
 
-def whole_mesh_programs(mesh: Mesh) -> contextlib.AbstractContextManager:
-    """With several processes: run every program without explicit shardings (model init, per-
-    subject features, eager ops) on all devices of `mesh`, replicated.
-
-    Such programs otherwise run on each process's first device, a program of its own that only
-    process 0 may write to the persistent compilation cache (on CPU and TPU its device ids are
-    part of the cache key): every other process would compile them all again on every run. One
-    process: nothing changes.
-    """
-    if jax.process_count() == 1:
-        return contextlib.nullcontext()
-    return jax.set_mesh(mesh)
-
-
 def sync_processes(name: str, timeout_s: int = 3600) -> None:
     """Wait until every process gets here: a host barrier through jax's coordination service.
 
-    Before the first collective after work whose time varies between hosts (compiles): CPU
-    collectives (gloo) give up when a peer is more than 30 s late to set up a collective.
+    Before the first collective after work whose time varies between hosts (compiles: on CPU,
+    only process 0 reads the persistent compilation cache, since the process id is part of the
+    key): CPU collectives (gloo) give up when a peer is 30 s late to set up a collective.
     """
     if jax.process_count() == 1:
         return
@@ -169,6 +155,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     `jax.device_put` cannot do this once the mesh has devices of other processes.
     """
     return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+
+
+def any_process(mesh: Mesh) -> Callable[[bool], bool]:
+    """A function: whether any process passed True. Compiled now, so that calling it later
+    compiles nothing (a process busy compiling would be late to the collective)."""
+    sharding = batch_sharding(mesh)  # one element per device
+    flags = jax.ShapeDtypeStruct((mesh.size,), np.int32, sharding=sharding)
+    reduce = jax.jit(lambda x: x.max(), out_shardings=replicated(mesh)).lower(flags).compile()
+    num_local = len(mesh.local_devices)
+
+    def any_(value: bool) -> bool:
+        local = np.full((num_local,), int(value), np.int32)
+        return bool(reduce(jax.make_array_from_process_local_data(sharding, local)))
+
+    return any_
 
 
 def global_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:

@@ -13,7 +13,7 @@ import math
 import pathlib
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -165,7 +165,9 @@ class _StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
-def _should_stop(flag: _StopFlag, step: int, check_every: int) -> bool:
+def _should_stop(
+    flag: _StopFlag, step: int, check_every: int, any_process: Callable[[bool], bool]
+) -> bool:
     """Whether any process got a signal: all processes must stop (and save) at the same step.
 
     A lone process reads its own flag at every step. Several processes agree only at steps that
@@ -176,10 +178,7 @@ def _should_stop(flag: _StopFlag, step: int, check_every: int) -> bool:
         return flag.signal_name is not None
     if step % check_every:
         return False
-    from jax.experimental import multihost_utils
-
-    stops = multihost_utils.process_allgather(np.int32(flag.signal_name is not None))
-    return bool(np.any(stops))
+    return any_process(flag.signal_name is not None)
 
 
 @contextlib.contextmanager
@@ -321,15 +320,9 @@ def _initial_state(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
     """Train one subject; resume from workdir's latest checkpoint if there is one."""
     config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
     sharding.maybe_initialize_distributed(config.multihost)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    with sharding.whole_mesh_programs(mesh):
-        _train(config, pathlib.Path(workdir), mesh)
-
-
-def _train(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh
-) -> None:
     sharding.check_batch_size(config.train.batch_size, mesh)
     logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
     is_main = jax.process_index() == 0
@@ -400,6 +393,8 @@ def _train(
             writer.write_image(step, "samples", grid)
             logging.info("samples written to %s", path)
 
+    any_process = sharding.any_process(mesh)
+    # Everything is compiled: from here on no process can be late to a collective by a compile.
     sharding.sync_processes("idfuse_jax: ready to train")
     pending: tuple[int, dict[str, jax.Array]] | None = None
     stop = _StopFlag()
@@ -407,7 +402,9 @@ def _train(
     try:
         with _stop_on_signals(stop):
             check_every = config.train.stop_check_every
-            while step < config.train.steps and not _should_stop(stop, step, check_every):
+            while step < config.train.steps and not _should_stop(
+                stop, step, check_every, any_process
+            ):
                 indices = sharding.global_batch(np.asarray(next(data_iter), np.int32), mesh)
                 state, out = compiled(state, frozen, subject, indices, step_key)
                 step += 1
