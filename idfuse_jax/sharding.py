@@ -135,8 +135,8 @@ def sync_processes(name: str, timeout_s: int = 3600) -> None:
     """Wait until every process gets here: a host barrier through jax's coordination service.
 
     Before the first collective after work whose time varies between hosts (compiles: on CPU,
-    only process 0 reads the persistent compilation cache, since the process id is part of the
-    key): CPU collectives (gloo) give up when a peer is 30 s late to set up a collective.
+    only process 0 gets hits from the persistent compilation cache, which it alone writes, as the
+    other processes' keys differ): CPU collectives (gloo) give up on a peer 30 s late.
     """
     if jax.process_count() == 1:
         return
