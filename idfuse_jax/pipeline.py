@@ -21,7 +21,7 @@ from absl import logging
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from idfuse_jax import diffusion, losses, weights
+from idfuse_jax import diffusion, formats, losses, weights
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.data import synthetic
 from idfuse_jax.errors import ConfigError
@@ -428,6 +428,9 @@ def generate(
     """Images [P, R, R, 3] in [-1, 1] for token ids [P, T], conditioned on FFM(E_T(prompt)) with
     classifier-free guidance against FFM(E_T("")).
 
+    `key`: one PRNG key for the whole batch, or a batch [P] of keys, one per image (its initial
+    noise then does not depend on the batch it is generated in).
+
     With `reference_embeds` ([1, D_img], E_I of a reference photo) the conditioning is
     FFM(E_T(prompt) + A(E_I(reference))): the background-preserving variant.
     """
@@ -455,7 +458,11 @@ def generate(
         return u + guidance * (c - u)
 
     side = config.data.resolution // models.latent_downsample
-    x_t = jax.random.normal(key, (n, side, side, models.unet.config.in_channels), jnp.float32)
+    shape = (side, side, models.unet.config.in_channels)
+    if key.shape:  # one key per image: each image's noise is independent of the batch
+        x_t = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(key)
+    else:
+        x_t = jax.random.normal(key, (n, *shape), jnp.float32)
     if config.sample.sampler == "ddim":
         latents = diffusion.ddim_sample(denoise, models.schedule, x_t, config.sample.num_steps)
     else:
@@ -556,7 +563,7 @@ def import_trainable(path: str | pathlib.Path, template: dict[str, Params]) -> d
     path = pathlib.Path(path)
     if not path.is_file():
         raise weights.WeightsError(f"{path}: exported weights not found")
-    tensors = weights.read_safetensors_file(path)
+    tensors = formats.read_safetensors_file(path)
     flat_template = traverse_util.flatten_dict(dict(template))
     flat, missing = {}, []
     for key, (name, transposed) in export_names(template).items():
