@@ -23,8 +23,8 @@ from test_train import _env, last_error_line, ok, train
 
 from idfuse_jax.data import dreambench, synthetic
 from idfuse_jax.data import images as images_lib
-from idfuse_jax.errors import WeightsError
-from idfuse_jax.evaluation import encoders, preprocess, scores, subjects
+from idfuse_jax.errors import ConfigError, DataError, WeightsError
+from idfuse_jax.evaluation import encoders, preprocess, run, scores, subjects
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -376,10 +376,16 @@ def test_images_folder_is_scored_without_generating(first_eval, metric_dirs, ben
 
 
 def test_bad_inputs_are_one_line(runs, metric_dirs, bench_dir, tmp_path):
-    dino, clip = metric_flags(metric_dirs)
+    """Each refused before any image is drawn; the command prints one line and exits 1."""
+    dino, clip = metric_dirs[0], metric_dirs[1]
     untrained = tmp_path / "untrained"
     untrained.mkdir()
     (untrained / "config.json").write_text((runs / "dog" / "config.json").read_text())
+    result = evaluate(f"--workdir={untrained}", *metric_flags(metric_dirs), devices=1)
+    assert result.returncode == 1
+    assert last_error_line(result) == (
+        f"error: {untrained}: no trained weights (idfuse_weights.safetensors); train it first"
+    )
     no_real, empty = tmp_path / "no_real", tmp_path / "empty"
     no_real.mkdir()
     empty.mkdir()
@@ -389,21 +395,26 @@ def test_bad_inputs_are_one_line(runs, metric_dirs, bench_dir, tmp_path):
     (no_real / "idfuse_weights.safetensors").write_bytes(
         (runs / "dog" / "idfuse_weights.safetensors").read_bytes()
     )
-    (tmp_path / subjects.dreambench.PROMPTS_FILE).write_text(
+    (tmp_path / dreambench.PROMPTS_FILE).write_text(
         (bench_dir / dreambench.PROMPTS_FILE).read_text()
     )
+    dog = runs / "dog"
     cases = [
-        ((f"--workdir={untrained}", dino, clip),
-         f"error: {untrained}: no trained weights (idfuse_weights.safetensors); train it first"),
-        ((f"--workdir={runs / 'dog'}", f"--dino={metric_dirs[1]}", clip),
-         f"error: --dino {metric_dirs[1]}: not a transformers ViTModel (DINO) folder"),
-        ((f"--workdir={runs / 'dog'}", dino, f"--clip={metric_dirs[0]}"),
-         f"error: --clip {metric_dirs[0]}: not a transformers CLIPModel folder"),
-        ((f"--workdir={no_real}", dino, clip),
-         f"error: {empty}: no images (JPEG, PNG or WebP)"),
-        ((f"--workdir={tmp_path / 'nowhere'}", dino, clip),
-         f"error: --workdir {tmp_path / 'nowhere'}: folder not found"),
+        (dict(workdir=dog, dino=clip, clip=clip),
+         WeightsError, f"--dino {clip}: not a transformers ViTModel (DINO) folder"),
+        (dict(workdir=dog, dino=dino, clip=dino),
+         WeightsError, f"--clip {dino}: not a transformers CLIPModel folder"),
+        (dict(workdir=no_real, dino=dino, clip=clip),
+         DataError, f"{empty}: no images (JPEG, PNG or WebP)"),
+        (dict(workdir=tmp_path / "nowhere", dino=dino, clip=clip),
+         ConfigError, f"--workdir {tmp_path / 'nowhere'}: folder not found"),
+        (dict(images=tmp_path, dino=dino, clip=clip),
+         ConfigError, "--images needs --dreambench DIR"),
+        (dict(workdir=dog, dino=dino, clip=clip, max_prompts=0),
+         ConfigError, "--max_prompts=0 must be at least 1"),
     ]  # fmt: skip
-    for args, message in cases:
-        line = last_error_line(evaluate(*args, devices=1))
-        assert line.startswith(message), (line, message)
+    for kwargs, error, message in cases:
+        with pytest.raises(error) as info:
+            run.evaluate(**{k: str(v) if isinstance(v, pathlib.Path) else v
+                            for k, v in kwargs.items()})  # fmt: skip
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)

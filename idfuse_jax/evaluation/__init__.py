@@ -6,6 +6,7 @@
   subjects    what to evaluate: trained workdirs or an image folder, prompts, real images
   generation  per-image seeds, sharded generation, resumable image files
   report      results.json, results.md beside the published numbers, grids
+  run         an evaluation from start to end (what the command line runs)
 
-`python -m idfuse_jax.evaluate` (idfuse_jax/evaluate.py) wires them together.
+`python -m idfuse_jax.evaluate` (idfuse_jax/evaluate.py) is the command line over `run`.
 """
