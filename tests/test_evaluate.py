@@ -145,7 +145,7 @@ def test_scores_match_transformers(metric_dirs, image_files):
         assert np.ptp(ref[name]) > 1e-3, name  # the images are told apart: not a constant
 
 
-def test_preprocessing_equals_the_processors(metric_dirs, image_files):
+def test_preprocessing_equals_the_processors(metric_dirs, image_files, tmp_path):
     """Pixel for pixel, not just through the scores."""
     dino_dir, clip_dir, _, _ = metric_dirs
     for folder, cls, defaults in (
@@ -158,6 +158,15 @@ def test_preprocessing_equals_the_processors(metric_dirs, image_files):
             ref = reference(Image.open(path).convert("RGB"), return_tensors="np")
             ours = preprocess.preprocess(images_lib.read_image(path), processing)
             np.testing.assert_array_equal(ours, ref["pixel_values"][0].transpose(1, 2, 0))
+    # transformers 5 saves a CLIPProcessor's image settings inside processor_config.json.
+    combined = tmp_path / "combined"
+    combined.mkdir()
+    (combined / preprocess.COMBINED_FILE).write_text(
+        json.dumps({"image_processor": CLIP_PROCESSOR})
+    )
+    assert preprocess.processing_from_folder(
+        combined, preprocess.CLIP_DEFAULTS
+    ) == preprocess.processing_from_folder(clip_dir, preprocess.CLIP_DEFAULTS)
     # Without a preprocessor_config.json: the classes' defaults (224 px).
     image = smooth_image(np.random.default_rng(0), 300, 260)
     for cls, defaults in (
@@ -355,6 +364,10 @@ def test_one_device_gives_the_same_scores(first_eval, runs, metric_dirs, tmp_pat
     one = json.loads((tmp_path / "results.json").read_text())
     eight = json.loads((out8 / "results.json").read_text())
     assert one["settings"]["devices"] == 1
+    for path in sorted((out8 / "images").rglob("*.png")):
+        a = images_lib.read_image(path).astype(int)
+        b = images_lib.read_image(tmp_path / "images" / path.relative_to(out8 / "images"))
+        assert np.abs(a - b).max() <= 1, path  # per-image seeds: the same picture
     for name in ("dog", "can"):
         for a, b in zip(one["subjects"][name]["prompts"], eight["subjects"][name]["prompts"]):
             for ra, rb in zip(a["images"], b["images"]):

@@ -21,6 +21,7 @@ from idfuse_jax.errors import WeightsError
 from idfuse_jax.formats import read_json
 
 PROCESSOR_FILE = "preprocessor_config.json"
+COMBINED_FILE = "processor_config.json"
 # PIL's filter numbers (PILImageResampling), as processor configs store them.
 BILINEAR, BICUBIC = 2, 3
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)  # ViTImageProcessor's default mean and std
@@ -106,9 +107,13 @@ def processing_from_dict(
 def processing_from_folder(
     folder: str | pathlib.Path, defaults: Mapping[str, Any]
 ) -> ImageProcessing:
-    """The processing of a model folder: its preprocessor_config.json over `defaults`."""
+    """The processing of a model folder: its preprocessor_config.json (or the image_processor
+    part of a processor_config.json, as transformers 5 saves a CLIPProcessor) over `defaults`."""
     path = pathlib.Path(folder) / PROCESSOR_FILE
     config = read_json(path) if path.is_file() else {}
+    combined = pathlib.Path(folder) / COMBINED_FILE
+    if not path.is_file() and combined.is_file():
+        path, config = combined, read_json(combined).get("image_processor") or {}
     return processing_from_dict(config, defaults, where=str(path))
 
 
