@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from idfuse_jax.errors import DataError
-
-PathLike = str | pathlib.Path
+from idfuse_jax.types import PathLike
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASKS_DIR = "masks"
