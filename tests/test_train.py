@@ -259,6 +259,10 @@ def test_diverging_run_stops_with_message_and_keeps_last_good_checkpoint(tmp_pat
     ("overrides", "message"),
     [
         (("--config.train.bogus=1",), "unknown config key 'bogus'"),
+        (
+            ("--config.loss.lambda_denoise=1",),
+            "config.loss.lambda_denoise was renamed: use config.loss.weights.denoise",
+        ),
         (("--config.data.instance_dir=/nonexistent/photos",), "/nonexistent/photos"),
         (
             ("--config.model.pretrained=/nonexistent/sd", "--config.model.image_encoder=/tmp"),
