@@ -14,6 +14,8 @@ from types import ModuleType
 import ml_collections
 
 from idfuse_jax.errors import ConfigError
+from idfuse_jax.prepare.inpaint import INPAINTERS
+from idfuse_jax.prepare.masks import MASK_SOURCES
 
 DTYPES = ("float32", "bfloat16")
 CHOICES = {
@@ -22,8 +24,8 @@ CHOICES = {
     "loss.text_pool": ("mean", "eos"),
     "optim.schedule": ("constant", "cosine"),
     "sample.sampler": ("dpm++", "ddim"),
-    "data.masks": ("auto", "given", "grabcut", "onnx"),
-    "data.inpaint": ("telea", "sd"),
+    "data.masks": MASK_SOURCES,
+    "data.inpaint": INPAINTERS,
 }
 POSITIVE = (
     "data.resolution",
