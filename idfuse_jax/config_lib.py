@@ -18,9 +18,11 @@ from typing import Any
 
 import ml_collections
 
-from idfuse_jax import build, diffusion, losses, optim, prepare
+from idfuse_jax import build, diffusion, losses, optim
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.models import conditioning
+from idfuse_jax.prepare.inpaint import INPAINTERS
+from idfuse_jax.prepare.masks import MASK_SOURCES
 
 CHOICES = {
     "model.dtype": tuple(build.DTYPES),
@@ -28,8 +30,8 @@ CHOICES = {
     "loss.text_pool": losses.TEXT_POOLS,
     "optim.schedule": optim.SCHEDULES,
     "sample.sampler": tuple(diffusion.SAMPLERS),
-    "data.masks": prepare.MASK_CHOICES,
-    "data.inpaint": prepare.INPAINT_CHOICES,
+    "data.masks": MASK_SOURCES,
+    "data.inpaint": INPAINTERS,
 }
 # Keys of older versions: old name -> new name (None: removed). Refused in --config overrides
 # with the new name; renamed when an old run's config.json is read.
