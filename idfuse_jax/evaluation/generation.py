@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from idfuse_jax import metrics, pipeline, sharding
+from idfuse_jax import build, export, method, metrics, sharding
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.errors import DataError
 
@@ -102,7 +102,7 @@ def replicate(tree: dict, mesh: jax.sharding.Mesh) -> dict:
 class Sampler:
     """The built models of one run config and its sharded, jitted batch sampler."""
 
-    models: pipeline.Models
+    models: build.Models
     frozen: dict
     fn: Callable
     mesh: jax.sharding.Mesh
@@ -112,14 +112,14 @@ class Sampler:
 def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sampler:
     """Models of `config` (frozen weights replicated) and a jit over the data axis."""
     mesh = sharding.make_mesh(-1, 1)
-    models, frozen = pipeline.build_models(config)
+    models, frozen = build.build_models(config)
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     frozen = replicate(frozen, mesh)
     null_ids = np.asarray(models.tokenizer([""]))
 
     def sample(frozen, trainable, ids, key_data):
         keys = jax.random.wrap_key_data(key_data)
-        return pipeline.generate(models, config, frozen, trainable, ids, null_ids, keys)
+        return method.generate(models, config, frozen, trainable, ids, null_ids, keys)
 
     fn = jax.jit(
         sample,
@@ -131,8 +131,8 @@ def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sa
 
 def load_trainable(sampler: Sampler, config: ml_collections.ConfigDict, path: pathlib.Path):
     """The trained LoRA, adapter and FFM of a workdir, replicated over the mesh."""
-    template = pipeline.init_trainable(jax.random.key(0), sampler.models, config, sampler.frozen)
-    trainable = pipeline.import_trainable(path, template)
+    template = method.init_trainable(jax.random.key(0), sampler.models, config, sampler.frozen)
+    trainable = export.import_trainable(path, template)
     return replicate(trainable, sampler.mesh)
 
 

@@ -10,11 +10,11 @@ cats; object: the rest) from the benchmark's prompts_and_classes.txt (`data.drea
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import ml_collections
 
+from idfuse_jax import config_lib
 from idfuse_jax.data import dreambench
 from idfuse_jax.errors import ConfigError, DataError, WeightsError
 
@@ -70,13 +70,10 @@ def find_workdirs(run: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def read_run(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-    """A trained workdir's config; refuses one without trained weights."""
+    """A trained workdir's config (in today's key names); refuses one without trained weights."""
     if not (workdir / WEIGHTS_FILE).is_file():
         raise WeightsError(f"{workdir}: no trained weights ({WEIGHTS_FILE}); train it first")
-    try:
-        return ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text()))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{workdir / CONFIG_FILE}: not valid JSON ({e})") from None
+    return config_lib.load_run_config(workdir)
 
 
 def _prompts_file(bench_dir: pathlib.Path | None, instance_dir: pathlib.Path | None, where: str):
