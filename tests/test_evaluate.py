@@ -9,6 +9,7 @@ persistent compilation cache with the other CLI tests.
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -376,16 +377,24 @@ def test_one_device_gives_the_same_scores(first_eval, runs, metric_dirs, tmp_pat
 
 
 def test_images_folder_is_scored_without_generating(first_eval, metric_dirs, bench_dir, tmp_path):
+    """Another method's images, in the same layout (unpadded names accepted), scored as ours."""
     out, _ = first_eval
     generated = json.loads((out / "results.json").read_text())
-    result = ok(evaluate(f"--images={out / 'images'}", f"--dreambench={bench_dir}",
-                         *metric_flags(metric_dirs), "--max_prompts=2", f"--out={tmp_path}",
-                         devices=1))  # fmt: skip
+    images = tmp_path / "theirs" / "images"
+    shutil.copytree(out / "images", images)
+    (images / "dog" / "00_1.png").rename(images / "dog" / "0_1.png")
+    result = ok(evaluate(f"--images={images}", f"--dreambench={bench_dir}",
+                         *metric_flags(metric_dirs), "--max_prompts=2", devices=1))  # fmt: skip
     assert "0 generated this run" in result.stdout
-    scored = json.loads((tmp_path / "results.json").read_text())
-    assert scored["settings"]["mode"] == "images"
+    scored = json.loads((images.parent / "results.json").read_text())
+    assert scored["settings"]["mode"] == "images" and scored["inputs"]["workdir"] is None
+    files = [r["file"] for p in scored["subjects"]["dog"]["prompts"] for r in p["images"]]
+    assert files == ["dog/00_0.png", "dog/0_1.png", "dog/01_0.png", "dog/01_1.png"]
     for metric in ("dino", "clip_i", "clip_t"):
         assert scored["overall"][metric] == pytest.approx(generated["overall"][metric], abs=1e-5)
+    assert (images.parent / "results.md").is_file() and (
+        images.parent / "grids" / "can.png"
+    ).is_file()
 
 
 def test_bad_inputs_are_one_line(runs, metric_dirs, bench_dir, tmp_path):

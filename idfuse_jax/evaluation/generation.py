@@ -76,14 +76,14 @@ def missing_items(
     ]
 
 
-def stored_items(folder: pathlib.Path) -> dict[int, list[int]]:
-    """{prompt index: sorted image indices} of the PP_K.png files in a folder."""
-    found: dict[int, list[int]] = {}
+def stored_items(folder: pathlib.Path) -> dict[Item, pathlib.Path]:
+    """{(prompt, image): path} of the P_K.png files in a folder (any zero padding)."""
+    found = {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         m = IMAGE_NAME.fullmatch(path.name)
         if m:
-            found.setdefault(int(m[1]), []).append(int(m[2]))
-    return {p: sorted(ks) for p, ks in sorted(found.items())}
+            found[(int(m[1]), int(m[2]))] = path
+    return dict(sorted(found.items()))
 
 
 def generation_key(config: ml_collections.ConfigDict) -> str:

@@ -111,34 +111,38 @@ def generate_all(
 
 def read_images(
     subject: Subject, folder: pathlib.Path, num_images: int | None
-) -> dict[tuple[int, int], np.ndarray]:
-    """{(prompt, image): uint8 image} of a subject: num_images per prompt, or (None) whatever
-    each prompt has stored. A prompt without images or a broken file is a DataError."""
-    stored = generation.stored_items(folder)
+) -> dict[tuple[int, int], tuple[str, np.ndarray]]:
+    """{(prompt, image): (file name, uint8 image)} of a subject: images 0..num_images-1 of each
+    prompt, or (None) whatever each prompt has stored. A prompt without images or a broken file
+    is a DataError."""
+    if num_images is None:
+        paths = generation.stored_items(folder)
+    else:
+        paths = {(p, k): folder / generation.image_name(p, k)
+                 for p in range(len(subject.prompts)) for k in range(num_images)}  # fmt: skip
     out = {}
     for p in range(len(subject.prompts)):
-        indices = range(num_images) if num_images is not None else stored.get(p, [])
-        if not indices:
+        items = [item for item in paths if item[0] == p]
+        if not items:
             raise DataError(f"{folder}: no image of prompt {p} ({generation.image_name(p, 0)})")
-        for k in indices:
-            path = folder / generation.image_name(p, k)
-            image = generation.read_generated(path)
+        for item in items:
+            image = generation.read_generated(paths[item])
             if image is None:
-                raise DataError(f"{path}: missing or unreadable image")
-            out[(p, k)] = image
+                raise DataError(f"{paths[item]}: missing or unreadable image")
+            out[item] = (paths[item].name, image)
     return out
 
 
 def score_subject(
     subject: Subject,
     real: Sequence[np.ndarray],
-    generated: dict[tuple[int, int], np.ndarray],
+    generated: dict[tuple[int, int], tuple[str, np.ndarray]],
     models: encoders.MetricModels,
     real_baseline: bool,
 ) -> dict[str, Any]:
     """Per-image, per-prompt and subject scores (and the real-image baseline when asked)."""
     items = sorted(generated)
-    pictures = [generated[i] for i in items]
+    pictures = [generated[i][1] for i in items]
     real_dino, real_clip = models.dino(real), models.clip_image(real)
     gen_clip = models.clip_image(pictures)
     text = models.clip_text(subject.texts)
@@ -149,7 +153,7 @@ def score_subject(
     }
     image_rows = [
         {
-            "file": f"{subject.name}/{generation.image_name(p, k)}",
+            "file": f"{subject.name}/{generated[(p, k)][0]}",
             "prompt_index": p,
             "image_index": k,
             **{m: float(per_image[m][i]) for m in report.METRICS},
@@ -186,12 +190,12 @@ def score_subject(
     return result
 
 
-def first_per_prompt(generated: dict[tuple[int, int], np.ndarray]) -> list[np.ndarray]:
+def first_per_prompt(generated: dict[tuple[int, int], tuple[str, np.ndarray]]) -> list[np.ndarray]:
     """The lowest-numbered image of each prompt, in prompt order (a grid's generated rows)."""
-    first: dict[int, tuple[int, int]] = {}
+    first: dict[int, np.ndarray] = {}
     for p, k in sorted(generated):
-        first.setdefault(p, (p, k))
-    return [generated[item] for item in first.values()]
+        first.setdefault(p, generated[(p, k)][1])
+    return list(first.values())
 
 
 def evaluate(
