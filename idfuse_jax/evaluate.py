@@ -1,4 +1,4 @@
-"""DreamBench evaluation of trained subjects: DINO, CLIP-I and CLIP-T beside the published rows.
+r"""DreamBench evaluation of trained subjects: DINO, CLIP-I and CLIP-T beside the published rows.
 
   python -m idfuse_jax.evaluate --workdir runs/dreambench --dino weights/dino-vits16 \
       --clip weights/clip-vit-base-patch32

@@ -159,8 +159,8 @@ def generate(
     """Images [P, R, R, 3] in [-1, 1] for token ids [P, T], conditioned on FFM(E_T(prompt)) with
     classifier-free guidance against FFM(E_T("")).
 
-    `key`: one PRNG key for the whole batch, or a batch [P] of keys, one per image (its initial
-    noise then does not depend on the batch it is generated in).
+    `key`: one typed PRNG key (`jax.random.key`) for the whole batch, or a batch [P] of them,
+    one per image (its initial noise then does not depend on the batch it is generated in).
 
     With `reference_embeds` ([1, D_img], E_I of a reference photo) the conditioning is
     FFM(E_T(prompt) + A(E_I(reference))): the background-preserving variant.

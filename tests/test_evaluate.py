@@ -20,7 +20,7 @@ import transformers
 from parity_utils import perturb_torch_
 from PIL import Image
 from test_tokenizer import write_tokenizer
-from test_train import _env, last_error_line, ok, train
+from test_train import _command, _env, last_error_line, ok
 
 from idfuse_jax.data import dreambench, synthetic
 from idfuse_jax.data import images as images_lib
@@ -227,16 +227,30 @@ def bench_dir(tmp_path_factory, dreambooth_dir):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, bench_dir):
-    """A folder of two trained workdirs (dog: live, can: object), 2 steps each."""
+    """A folder of two trained workdirs (dog: live, can: object), 2 steps each, trained at the
+    same time (each run mostly waits on one core)."""
     root = tmp_path_factory.mktemp("runs")
-    for subject, class_name in (("dog", "dog"), ("can", "can")):
-        ok(train(
-            root / subject,
-            f"--config.data.instance_dir={bench_dir / subject}",
-            f"--config.data.class_name={class_name}",
-            "--config.train.steps=2", "--config.train.checkpoint_every=2",
-            "--config.sample.num_steps=2",
-        ))  # fmt: skip
+    jobs = [
+        subprocess.Popen(
+            _command(
+                root / subject,
+                f"--config.data.instance_dir={bench_dir / subject}",
+                f"--config.data.class_name={subject}",
+                "--config.train.steps=2",
+                "--config.train.checkpoint_every=2",
+                "--config.sample.num_steps=2",
+            ),
+            env=_env(8),
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for subject in ("dog", "can")
+    ]
+    for job in jobs:
+        _, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, stderr[-3000:]
     return root
 
 

@@ -44,8 +44,9 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines = [
         "# DreamBench evaluation",
         "",
-        f"{len(results['subjects'])} subject(s), {results['overall']['num_images']} generated "
-        f"images ({s['num_prompts']} prompts per subject, {s['num_images']} images per prompt); "
+        f"{len(results['subjects'])} subject(s), {results['overall']['num_images']} images "
+        f"scored ({s['num_prompts']} prompts per subject, "
+        f"{s['num_images'] or 'stored'} images per prompt); "
         f"DINO: `{results['models']['dino']}`; CLIP: `{results['models']['clip']}`.",
         "",
         "| method | DINO | CLIP-I | CLIP-T | source |",
