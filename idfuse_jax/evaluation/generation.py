@@ -129,7 +129,7 @@ def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sa
     return Sampler(models, frozen, fn, mesh, per_device_batch * mesh.size)
 
 
-def load_trainable(sampler: Sampler, config: ml_collections.ConfigDict, path: pathlib.Path):
+def load_trainable(sampler: Sampler, config: ml_collections.ConfigDict, path: pathlib.Path) -> dict:
     """The trained LoRA, adapter and FFM of a workdir, replicated over the mesh."""
     template = method.init_trainable(jax.random.key(0), sampler.models, config, sampler.frozen)
     trainable = export.import_trainable(path, template)
@@ -144,16 +144,29 @@ def generate_items(
     items: Sequence[Item],
     seed: int,
 ) -> Iterator[tuple[list[Item], np.ndarray]]:
-    """Yield (items, uint8 images) batch by batch; the last batch is padded, then trimmed."""
+    """Yield (items, uint8 images) batch by batch; the last batch is padded, then trimmed.
+
+    The next batch is dispatched before the previous one is fetched, so the devices keep
+    working while the host writes files.
+    """
     ids = np.asarray(sampler.models.tokenizer(list(prompts)))
+    all_keys = image_keys(seed, subject, items)  # up front: no device sync inside the loop
     b = sampler.batch_size
     batch = sharding.batch_sharding(sampler.mesh)
+    pending = None
     for start in range(0, len(items), b):
         chunk = list(items[start : start + b])
-        padded = chunk + [chunk[0]] * (b - len(chunk))
-        rows = ids[[p for p, _ in padded]]
-        keys = image_keys(seed, subject, padded)
-        images = sampler.fn(
-            sampler.frozen, trainable, sharding.put(rows, batch), sharding.put(keys, batch)
-        )
-        yield chunk, metrics.to_uint8(jax.device_get(images))[: len(chunk)]
+        rows = np.arange(start, start + len(chunk))
+        rows = np.concatenate([rows, np.full(b - len(chunk), start)])  # padded with the first
+        ids_batch = sharding.put(ids[[items[i][0] for i in rows]], batch)
+        keys = sharding.put(all_keys[rows], batch)
+        images = sampler.fn(sampler.frozen, trainable, ids_batch, keys)  # dispatched, not awaited
+        if pending is not None:
+            yield _fetch(*pending)
+        pending = (chunk, images)
+    if pending is not None:
+        yield _fetch(*pending)
+
+
+def _fetch(chunk: list[Item], images: jax.Array) -> tuple[list[Item], np.ndarray]:
+    return chunk, metrics.to_uint8(jax.device_get(images))[: len(chunk)]
