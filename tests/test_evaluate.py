@@ -108,15 +108,17 @@ def reference_scores(metric_dirs, gen_files, real_files, texts):
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(clip_dir))
     load = lambda files: [Image.open(p).convert("RGB") for p in files]
     cos = lambda a, b: torch.nn.functional.cosine_similarity(a[:, None], b[None], dim=-1)
+
+    def dino(files):
+        return vit(**vit_proc(load(files), return_tensors="pt")).last_hidden_state[:, 0]
+
+    # transformers 5: get_*_features return the projected embeddings as `pooler_output`.
+    def image(files):
+        return clip.get_image_features(**clip_proc(load(files), return_tensors="pt")).pooler_output
+
     with torch.no_grad():
-        dino = lambda files: vit(**vit_proc(load(files), return_tensors="pt")).last_hidden_state[
-            :, 0
-        ]
-        image = lambda files: clip.get_image_features(**clip_proc(load(files), return_tensors="pt"))
-        image = lambda files, f=image: getattr(f(files), "pooler_output", f(files))
         tokens = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")
-        text = clip.get_text_features(**tokens)
-        text = getattr(text, "pooler_output", text)
+        text = clip.get_text_features(**tokens).pooler_output
         gen_clip = image(gen_files)
         return {
             "dino": cos(dino(gen_files), dino(real_files)).mean(1).numpy(),
