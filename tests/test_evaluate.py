@@ -230,7 +230,7 @@ def bench_dir(tmp_path_factory, dreambooth_dir):
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, bench_dir):
     """A folder of two trained workdirs (dog: live, can: object), 2 steps each, trained at the
-    same time (each run mostly waits on one core)."""
+    same time (each run mostly waits on one core). Their sampler: configs/tiny.py's 8 steps."""
     root = tmp_path_factory.mktemp("runs")
     jobs = [
         subprocess.Popen(
@@ -240,7 +240,6 @@ def runs(tmp_path_factory, bench_dir):
                 f"--config.data.class_name={subject}",
                 "--config.train.steps=2",
                 "--config.train.checkpoint_every=2",
-                "--config.sample.num_steps=2",
             ),
             env=_env(8),
             cwd=REPO,
@@ -310,6 +309,7 @@ def test_evaluation_writes_everything(first_eval, runs, metric_dirs, bench_dir):
         assert (sub["live"], sub["class_name"], sub["num_real"], sub["num_images"]) == (
             live, name, 3, 4)  # fmt: skip
         assert sub["workdir"] == str(runs / name) and sub["real_dir"] == str(bench_dir / name)
+        # --num_steps=2 overrides the run's 8 steps; guidance is the run's.
         assert sub["sampler"] == {"sampler": "dpm++", "num_steps": 2, "guidance_scale": 3.0,
                                   "resolution": 32}  # fmt: skip
         prompts = sub["prompts"]
