@@ -178,8 +178,10 @@ def test_output_inside_input_is_refused(synthetic_dir):
 
 def test_bad_choices(synthetic_dir, tmp_path):
     folder, _ = synthetic_dir
-    with pytest.raises(DataError, match="masks must be one of auto, given, grabcut, onnx"):
+    with pytest.raises(DataError, match="masks must be one of auto, given, grabcut, dino, onnx"):
         prepare_subject(folder, tmp_path / "o", masks="magic")
+    with pytest.raises(DataError, match=r"masks='dino' needs the folder of a DINO ViT"):
+        prepare_subject(folder, tmp_path / "o", masks="dino")
     with pytest.raises(DataError, match="masks='onnx' needs"):
         prepare_subject(folder, tmp_path / "o", masks="onnx")
     with pytest.raises(DataError, match="inpaint='sd' needs"):
