@@ -3,13 +3,15 @@ per-photo record that takes a rejected photo out of L3 and L4."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from idfuse_jax import losses
 from idfuse_jax.data import synthetic_subject, write_synthetic_subject
 from idfuse_jax.data.images import read_mask
-from idfuse_jax.errors import DataError
+from idfuse_jax.errors import ConfigError, DataError
 from idfuse_jax.prepare import (
     CENTRE_PRIOR,
     MANIFEST,
@@ -156,3 +158,29 @@ def test_dino_masks_from_a_vit_folder(tmp_path):
     entries = json.loads((tmp_path / "out" / MANIFEST).read_text())["images"]
     assert {e["mask_source"] for e in entries.values()} <= {segment.key, CENTRE_PRIOR.key}
     assert all(isinstance(e["accepted"], bool) for e in entries.values())
+
+
+def test_excluded_photo_leaves_l3_and_l4(prepared_with_a_collapse):
+    """The manifest's verdict, as training reads it, takes photo 01 out of L3 and L4: their
+    values over a batch holding it are the means over the other photos only."""
+    root, _ = prepared_with_a_collapse
+    decouple = explicit_decoupling(root / "out", ["00", "01", "02"])
+    indices = np.array([1, 0, 2, 1])  # photo 01 twice (as with flips), 00 and 02 once
+    rng = np.random.default_rng(0)
+    f_i, f_bg, text = (rng.standard_normal((4, 16)).astype(np.float32) for _ in range(3))
+    l3 = losses.image_background_loss(f_i, f_bg, jnp.asarray(decouple[indices]))
+    l4 = losses.text_background_loss(text, f_bg, jnp.asarray(decouple[indices]))
+
+    def cos(a, b):
+        return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+    kept = [1, 2]  # the batch rows of photos 00 and 02
+    np.testing.assert_allclose(l3, -np.mean(cos(f_i, f_bg)[kept]), rtol=1e-6)
+    np.testing.assert_allclose(l4, np.mean(cos(text, f_bg)[kept]), rtol=1e-6)
+    # Not the same as a zero background, nor as the plain mean.
+    assert abs(float(l3) + np.mean(cos(f_i, f_bg))) > 1e-3
+    none = jnp.zeros(4)
+    assert float(losses.image_background_loss(f_i, f_bg, none)) == 0
+    assert float(losses.text_background_loss(text, f_bg, none)) == 0
+    with pytest.raises(ConfigError, match=r"per-example weights \(3,\) must be \[B\]"):
+        losses.image_background_loss(f_i, f_bg, jnp.ones(3))

@@ -37,6 +37,7 @@ from idfuse_jax.prepare.run import (
     explicit_decoupling,
     prepare_dreambench,
     prepare_subject,
+    rejection_reasons,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "make_segmenter",
     "prepare_dreambench",
     "prepare_subject",
+    "rejection_reasons",
 ]

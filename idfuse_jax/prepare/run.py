@@ -87,16 +87,30 @@ def preview(
 
 
 def _mark_rejected(row: np.ndarray, reason: str, frame: int = 4) -> np.ndarray:
-    """The row inside a red frame, with `reason` in white on a red band along its bottom."""
+    """The row inside a red frame, with the reason in white on a red band along its bottom."""
     row = row.copy()
     row[:frame], row[-frame:], row[:, :frame], row[:, -frame:] = _RED, _RED, _RED, _RED
     font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+    lines = _wrap(f"no explicit decoupling: {reason}", row.shape[1] - 4 * frame, font, scale)
     (_, text_h), base = cv2.getTextSize(reason, font, scale, thickness)
-    band = text_h + base + 6
-    row[-band:] = _RED
-    text = f"no explicit decoupling: {reason}"
-    cv2.putText(row, text, (2 * frame, row.shape[0] - base - 3), font, scale, (255,) * 3, thickness)
+    line_h = text_h + base + 2
+    row[-(line_h * len(lines) + frame) :] = _RED
+    for i, line in enumerate(lines):
+        y = row.shape[0] - frame - base - line_h * (len(lines) - 1 - i)
+        cv2.putText(row, line, (2 * frame, y), font, scale, (255, 255, 255), thickness)
     return row
+
+
+def _wrap(text: str, width: int, font: int, scale: float) -> list[str]:
+    """`text` in lines no wider than `width` pixels (a word is never split)."""
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and cv2.getTextSize(candidate, font, scale, 1)[0][0] > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +319,13 @@ def explicit_decoupling(prepared_dir: PathLike, names: Sequence[str]) -> np.ndar
             "(run idfuse_jax.prepare)"
         )
     return np.asarray([float(entries[n]["accepted"]) for n in names], np.float32)
+
+
+def rejection_reasons(prepared_dir: PathLike) -> dict[str, str]:
+    """stem -> why, for the photos of a prepared folder that train without explicit
+    decoupling."""
+    entries = _read_manifest(pathlib.Path(prepared_dir))
+    return {stem: e["reason"] for stem, e in entries.items() if not e["accepted"]}
 
 
 def prepare_dreambench(
