@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from idfuse_jax.errors import DataError
+from idfuse_jax.models.image_stats import IMAGENET_MEAN, IMAGENET_STD
 from idfuse_jax.prepare.keys import file_digest, method_key
 
 PathLike = str | pathlib.Path
@@ -246,9 +247,6 @@ CENTRE_PRIOR = CentrePrior()
 # --------------------------------------------------------------------------------------------
 # ONNX segmentation model
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def _score_map(output: np.ndarray, path: pathlib.Path) -> np.ndarray:
     """A segmentation model's first output as a 2-D foreground score in [0, 1]."""
@@ -285,8 +283,8 @@ class OnnxSegmenter:
         path: PathLike,
         *,
         size: int = 512,
-        mean: Sequence[float] = _IMAGENET_MEAN,
-        std: Sequence[float] = _IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         threshold: float = 0.5,
     ):
         self.path = pathlib.Path(path)

@@ -17,7 +17,7 @@ import numpy as np
 
 from idfuse_jax import weights
 from idfuse_jax.models import vit
-from idfuse_jax.models.clip import IMAGENET_MEAN, IMAGENET_STD
+from idfuse_jax.models.image_stats import IMAGENET_MEAN, IMAGENET_STD
 from idfuse_jax.prepare.keys import folder_fingerprint
 
 PathLike = str | pathlib.Path
