@@ -30,6 +30,9 @@ class SubjectFeatures:
     background_embeds: jax.Array  # [M, D_img] f'_i = E_I(x'_i)
     prompt_ids: jax.Array  # [1, T] token ids of the identity prompt P
     num_items: int = flax.struct.field(pytree_node=False, default=0)
+    # [M] float32: 1 where x'_i is a usable background (L3, L4 count it), 0 where the photo's
+    # mask failed and it trains without explicit decoupling; None: every image has one.
+    decouple: jax.Array | None = None
 
 
 def _patterns(pattern: str) -> list[str]:
@@ -91,6 +94,7 @@ def training_loss(
     # pass, once (batch 1); broadcast only where per-example arrays meet.
     f_s = models.text_encoder.apply({"params": text_params}, subject.prompt_ids).last_hidden_state
     f_s = f_s.astype(jnp.float32)
+    decouple = None if subject.decouple is None else subject.decouple[indices]
     cond = conditioning.training_conditioning(
         models.idfuse,
         trainable["idfuse"],
@@ -98,6 +102,7 @@ def training_loss(
         subject.image_embeds[indices],
         subject.background_embeds[indices],
         background=config.method.background,
+        decouple=decouple,
     )
 
     mean, logvar = subject.latent_mean[indices], subject.latent_logvar[indices]
@@ -133,6 +138,7 @@ def training_loss(
         text_pool=config.loss.text_pool,
         eos_index=jnp.broadcast_to(eos, (batch,)),
         text_trainable=bool(trainable["text_lora"]),
+        decouple=decouple,
     )
     terms = dict(terms)
     terms["router_entropy"] = cond.stats["router_entropy"]
