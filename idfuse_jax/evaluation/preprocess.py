@@ -19,14 +19,13 @@ from PIL import Image
 
 from idfuse_jax.errors import WeightsError
 from idfuse_jax.formats import read_json
+from idfuse_jax.models.image_stats import CLIP_MEAN, CLIP_STD
 
 PROCESSOR_FILE = "preprocessor_config.json"
 COMBINED_FILE = "processor_config.json"
 # PIL's filter numbers (PILImageResampling), as processor configs store them.
 BILINEAR, BICUBIC = 2, 3
 IMAGENET_STANDARD = (0.5, 0.5, 0.5)  # ViTImageProcessor's default mean and std
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
