@@ -52,8 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.random_flip = True  # horizontal flips, precomputed once per subject
     c.data.synthetic_images = 4  # images of the synthetic subject
     # Explicit decoupling (prepared once per subject, cached under the workdir):
-    c.data.masks = "auto"  # auto (masks/ if present, else grabcut) | given | grabcut | onnx
+    # auto: masks/ where present, else onnx if onnx_model is set, else dino if dino_model is
+    # set, else grabcut (seeded from the border) | given | grabcut | dino | onnx
+    c.data.masks = "auto"
     c.data.onnx_model = ""  # segmentation .onnx file for masks="onnx"
+    c.data.dino_model = ""  # DINO ViT folder (transformers ViTModel) for masks="dino"
     c.data.inpaint = "telea"  # telea (OpenCV) | sd (SD inpainting model, in_channels 9)
     c.data.inpaint_model = ""  # diffusers SD inpainting pipeline folder for inpaint="sd"
 
@@ -70,10 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.text_only_weight = 0.01  # weak denoising with FFM(f_s) alone (the inference path)
-    c.loss.lambda_denoise = 1.0  # L1
-    c.loss.lambda_text_background = 0.001  # L2 = cos(pool(f_s), f_i)
-    c.loss.lambda_background_agree = 0.001  # L3 = -cos(f_i, f'_i)
-    c.loss.lambda_subject_background = 0.001  # L4 = cos(pool(f_s), f'_i)
+    # L = Σ weights[k] L_k; each name is also the term's metric key (idfuse_jax/losses.py).
+    c.loss.weights = ml_collections.ConfigDict()
+    c.loss.weights.denoise = 1.0  # L1 = mse of the noise (or v) prediction
+    c.loss.weights.text_image = 0.001  # L2 = cos(pool(f_s), f_i)
+    c.loss.weights.image_background = 0.001  # L3 = -cos(f_i, f'_i)
+    c.loss.weights.text_background = 0.001  # L4 = cos(pool(f_s), f'_i)
     c.loss.text_pool = "mean"  # mean over tokens (DisenBooth) | eos token
 
     c.optim = ml_collections.ConfigDict()
@@ -97,7 +102,6 @@ def get_config() -> ml_collections.ConfigDict:
     # device each time; a lone process checks every step for free).
     c.train.stop_check_every = 10
     c.train.peak_tflops_per_device = 0.0  # for MFU; 0 looks the device kind up (None if unknown)
-    c.train.inject_nan_at_step = -1  # testing aid: make the loss NaN at this step (1-based)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = (

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -22,7 +21,6 @@ from idfuse_jax.prepare import (
     Telea,
     dilate,
     dilation_pixels,
-    main,
     prepare_subject,
 )
 
@@ -179,8 +177,10 @@ def test_output_inside_input_is_refused(synthetic_dir):
 
 def test_bad_choices(synthetic_dir, tmp_path):
     folder, _ = synthetic_dir
-    with pytest.raises(DataError, match="masks must be one of auto, given, grabcut, onnx"):
+    with pytest.raises(DataError, match="masks must be one of auto, given, grabcut, dino, onnx"):
         prepare_subject(folder, tmp_path / "o", masks="magic")
+    with pytest.raises(DataError, match=r"masks='dino' needs the folder of a DINO ViT"):
+        prepare_subject(folder, tmp_path / "o", masks="dino")
     with pytest.raises(DataError, match="masks='onnx' needs"):
         prepare_subject(folder, tmp_path / "o", masks="onnx")
     with pytest.raises(DataError, match="inpaint='sd' needs"):
@@ -262,7 +262,13 @@ def test_onnx_errors(synthetic_dir, tmp_path):
 # Command line
 
 
-def test_cli_prepares_a_dreambench_folder(tmp_path, capsys):
+def main(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m idfuse_jax.prepare ARGS`, as a user runs it."""
+    command = [sys.executable, "-m", "idfuse_jax.prepare", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prepares_a_dreambench_folder(tmp_path):
     bench = tmp_path / "bench"
     lines = ["Classes", "", "subject_name,class", "toy_a,toy", "toy_b,toy", "", "Prompts", ""]
     lines += ["Object Prompts", "", "prompt_list = [", "'a {0} {1}'.format(u, c)", "]", ""]
@@ -272,37 +278,33 @@ def test_cli_prepares_a_dreambench_folder(tmp_path, capsys):
     write_synthetic_subject(bench / "toy_a", 2, 32, seed=0)
     write_synthetic_subject(bench / "toy_b", 3, 32, seed=1)
     out = tmp_path / "prepared"
-    assert main([str(bench), "--out", str(out), "--subjects", "toy_b"]) == 0
+    assert main([str(bench), "--out", str(out), "--subjects", "toy_b"]).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == ["toy_b"]
-    assert main([str(bench), "--out", str(out)]) == 0
-    assert "prepared 2 image(s), 3 already up to date" in capsys.readouterr().out
+    second = main([str(bench), "--out", str(out)])
+    assert second.returncode == 0, second.stderr
+    assert "prepared 2 image(s), 3 already up to date" in second.stdout
     for subject, n in (("toy_a", 2), ("toy_b", 3)):
         assert len(list((out / subject / "masks").glob("*.png"))) == n
         assert len(list((out / subject / "backgrounds").glob("*.png"))) == n
         assert (out / subject / PREVIEW).is_file()
 
 
-def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: {tmp_path / 'missing'}: subject folder not found\n"
+def test_cli_bad_input_is_one_line(tmp_path):
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "o")
+    for args, message in (
+        ([missing, "--out", out], f"{missing}: subject folder not found"),
+        ([missing], "flag --out=None: Flag --out must have a value other than None."),
+        ([missing, "--out", out, "--masks=magic"], "flag --masks=magic: value should be one of"),
+    ):
+        proc = main(args)
+        assert proc.returncode == 1
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: {message}"), proc.stderr
 
 
 def test_cli_module_exit_status(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "idfuse_jax.prepare",
-            str(tmp_path / "empty"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'empty'}: no images (JPEG, PNG or WebP)"
@@ -317,47 +319,12 @@ SD_SIDE = 16  # photo side given to the model (VAE x2, UNet x4 -> granularity 8)
 
 @pytest.fixture(scope="module")
 def sd_inpaint_folder(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
-    from test_tokenizer import write_tokenizer
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from parity_utils import tiny_sd_inpainting
 
-    root = tmp_path_factory.mktemp("sdinpaint")
-    tok_dir = write_tokenizer(root / "tok", pad_token="<|endoftext|>")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=9, out_channels=4, block_out_channels=(16, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1, attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
-    )  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-        sample_size=SD_SIDE,
-    )  # fmt: skip
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-            vocab_size=len(tokenizer), max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )  # fmt: skip
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(str(root / "pipe"), safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):  # real pipelines ship them; transformers 5 may not
-        if not (root / "pipe" / "tokenizer" / name).exists():
-            shutil.copy(tok_dir / name, root / "pipe" / "tokenizer" / name)
-    return root / "pipe", pipe
+    return tiny_sd_inpainting(tmp_path_factory.mktemp("sdinpaint"), SD_SIDE)
 
 
 @pytest.mark.slow
@@ -366,7 +333,7 @@ def test_sd_inpainting_matches_diffusers(sd_inpaint_folder, monkeypatch):
     from diffusers.models.autoencoders import vae as torch_vae
     from parity_utils import nhwc_to_nchw, rel_err
 
-    from idfuse_jax.data.sd_inpaint import SDInpainter
+    from idfuse_jax.prepare.sd_inpaint import SDInpainter
 
     folder, pipe = sd_inpaint_folder
     inpainter = SDInpainter(folder, steps=3, size=SD_SIDE, seed=5)
@@ -393,7 +360,7 @@ def test_sd_inpainting_matches_diffusers(sd_inpaint_folder, monkeypatch):
 
 @pytest.mark.slow
 def test_sd_inpainting_in_prepare(sd_inpaint_folder, synthetic_dir, tmp_path):
-    from idfuse_jax.data.sd_inpaint import SDInpainter
+    from idfuse_jax.prepare.sd_inpaint import SDInpainter
 
     folder, _ = sd_inpaint_folder
     subject, (images, masks, _) = synthetic_dir
