@@ -105,8 +105,8 @@ def two_processes(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path, int]:
     """A two-process job stopped by SIGTERM to process 1 alone.
 
     Returns (workdir, logs, the step it stopped at). On CPU, a process other than 0 compiles
-    every program itself on every run (its process id is part of the compilation cache key and
-    only process 0 writes the cache), so the test runs one two-process job, not two.
+    every program itself on every run (its compilation cache keys differ from process 0's, which
+    alone writes the cache), so the test runs one two-process job, not two.
     """
     root = tmp_path_factory.mktemp("two")
     workdir, logs = root / "run", root / "logs"
