@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.image_encoder = ""
     c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32); params float32
     c.model.remat = False  # rematerialise UNet blocks: less memory, ~30% more compute
+    # Attention kernel of every model (idfuse_jax.models.attention): "auto" = cuDNN flash on GPU
+    # (bf16/fp16), Pallas flash on TPU, "blockwise" (O(T x 128) memory flash in plain JAX)
+    # elsewhere; or "xla" (materialised scores), "blockwise", "cudnn", "tpu_flash" by name.
+    c.model.attention = "auto"
     # Sizes of the random models used when model.pretrained is empty.
     c.model.random = ml_collections.ConfigDict(
         dict(

@@ -14,10 +14,12 @@ from types import ModuleType
 import ml_collections
 
 from idfuse_jax.errors import ConfigError
+from idfuse_jax.models import attention
 
 DTYPES = ("float32", "bfloat16")
 CHOICES = {
     "model.dtype": DTYPES,
+    "model.attention": attention.IMPLEMENTATIONS,
     "method.background": ("implicit", "explicit"),
     "loss.text_pool": ("mean", "eos"),
     "optim.schedule": ("constant", "cosine"),

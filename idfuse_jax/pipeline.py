@@ -89,6 +89,7 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
     """Small random models of `config.model.random` sizes (no files needed)."""
     r = config.model.random
     dtype = DTYPES[config.model.dtype]
+    attention = config.model.attention
     channels = tuple(r.unet_channels)
     n = len(channels)
     unet_config = unet.UNetConfig(
@@ -130,10 +131,13 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
     )
     models = _assemble(
         config,
-        unet.UNet2DConditionModel(unet_config, dtype=dtype, remat=config.model.remat),
-        vae.AutoencoderKL(vae_config),  # float32: it runs once per image, not per step
-        clip.CLIPTextTransformer(text_config, dtype=dtype),
-        clip.CLIPVisionTransformer(image_config, dtype=dtype),
+        unet.UNet2DConditionModel(
+            unet_config, dtype=dtype, remat=config.model.remat, attention=attention
+        ),
+        # float32: it runs once per image, not per step
+        vae.AutoencoderKL(vae_config, attention=attention),
+        clip.CLIPTextTransformer(text_config, dtype=dtype, attention=attention),
+        clip.CLIPVisionTransformer(image_config, dtype=dtype, attention=attention),
         tokenizer,
         diffusion.Schedule.from_config(SD_SCHEDULE),
     )
@@ -157,11 +161,16 @@ def pretrained_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[s
         "model.image_encoder",
         "a transformers CLIP vision (or CLIPModel) folder",
     )
-    unet_model, unet_params = weights.load_unet(sd, dtype=dtype, remat=config.model.remat)
+    attention = config.model.attention
+    unet_model, unet_params = weights.load_unet(
+        sd, dtype=dtype, remat=config.model.remat, attention=attention
+    )
     # The VAE stays float32 (diffusers' force_upcast): it runs once per image, not per step.
-    vae_model, vae_params = weights.load_vae(sd)
-    text_model, text_params = weights.load_clip_text(sd, dtype=dtype)
-    image_model, image_params = weights.load_clip_vision(image_dir, dtype=dtype)
+    vae_model, vae_params = weights.load_vae(sd, attention=attention)
+    text_model, text_params = weights.load_clip_text(sd, dtype=dtype, attention=attention)
+    image_model, image_params = weights.load_clip_vision(
+        image_dir, dtype=dtype, attention=attention
+    )
     models = _assemble(
         config,
         unet_model,

@@ -152,7 +152,7 @@ _CLIP_VISION_SIDE = (r"vision_model\..*", r"visual_projection\..*")
 
 
 def _load_clip_tower(
-    folder: PathLike, side: str, dtype: Any, remat: bool
+    folder: PathLike, side: str, dtype: Any, remat: bool, attention: str
 ) -> tuple[Any, dict[str, Any]]:
     """One CLIP tower ("text" or "vision"), the other tower's tensors ignored."""
     from idfuse_jax.models import clip
@@ -168,7 +168,7 @@ def _load_clip_tower(
     config = config_cls.from_transformers(
         read_config(folder), with_projection=f"{projection}.weight" in tensors, where=str(folder)
     )
-    module = module_cls(config, dtype=dtype, remat=remat)
+    module = module_cls(config, dtype=dtype, remat=remat, attention=attention)
     params = convert_state_dict(
         tensors,
         abstract_params(module),
@@ -180,19 +180,20 @@ def _load_clip_tower(
 
 
 def load_clip_text(
-    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, attention: str = "auto"
 ) -> tuple[Any, dict[str, Any]]:
     """(CLIPTextTransformer, float32 numpy params) from a transformers text-encoder folder.
 
     Accepts CLIPTextModel, CLIPTextModelWithProjection and full CLIPModel folders, or a diffusers
     pipeline folder (its text_encoder/). The projection is built when the weights hold
-    `text_projection.weight`. `dtype` is the module's compute dtype.
+    `text_projection.weight`. `dtype` is the module's compute dtype, `attention` its attention
+    implementation (`models.attention.IMPLEMENTATIONS`, as for every loader here).
     """
-    return _load_clip_tower(folder, "text", dtype, remat)
+    return _load_clip_tower(folder, "text", dtype, remat, attention)
 
 
 def load_clip_vision(
-    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, attention: str = "auto"
 ) -> tuple[Any, dict[str, Any]]:
     """(CLIPVisionTransformer, float32 numpy params) from a transformers image-encoder folder.
 
@@ -200,11 +201,11 @@ def load_clip_vision(
     side is ignored), or a diffusers pipeline folder (its image_encoder/). The projection is
     built when the weights hold `visual_projection.weight`.
     """
-    return _load_clip_tower(folder, "vision", dtype, remat)
+    return _load_clip_tower(folder, "vision", dtype, remat, attention)
 
 
 def load_vit(
-    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, attention: str = "auto"
 ) -> tuple[Any, dict[str, Any]]:
     """(ViTModel, float32 numpy params) from a transformers ViTModel folder (e.g. DINO ViT-S/16).
 
@@ -216,7 +217,7 @@ def load_vit(
     folder = pathlib.Path(folder)
     tensors = read_safetensors(folder)
     config = ViTConfig.from_transformers(read_config(folder), where=str(folder))
-    module = ViTModel(config, dtype=dtype, remat=remat)
+    module = ViTModel(config, dtype=dtype, remat=remat, attention=attention)
     params = convert_state_dict(
         tensors,
         abstract_params(module),
@@ -246,7 +247,9 @@ def _rename_legacy_vae_attention(key: str) -> str:
     return f"{m[1]}.{_LEGACY_VAE_ATTENTION[m[2]]}.{m[3]}" if m else key
 
 
-def load_unet(folder: PathLike, *, dtype: Any = np.float32, remat: bool = False) -> tuple[Any, Any]:
+def load_unet(
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, attention: str = "auto"
+) -> tuple[Any, Any]:
     """A diffusers UNet2DConditionModel folder (or pipeline folder) -> (model, float32 params).
 
     The params are host (numpy) arrays, so the caller chooses their device placement/sharding.
@@ -255,18 +258,20 @@ def load_unet(folder: PathLike, *, dtype: Any = np.float32, remat: bool = False)
 
     folder = component_dir(folder, "unet")
     config = unet_lib.UNetConfig.from_diffusers(read_config(folder), where=str(folder))
-    model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat)
+    model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat, attention=attention)
     params = convert_state_dict(read_safetensors(folder), abstract_params(model), where=str(folder))
     return model, params
 
 
-def load_vae(folder: PathLike, *, dtype: Any = np.float32) -> tuple[Any, Any]:
+def load_vae(
+    folder: PathLike, *, dtype: Any = np.float32, attention: str = "auto"
+) -> tuple[Any, Any]:
     """A diffusers AutoencoderKL folder (or pipeline folder) -> (model, float32 params)."""
     from idfuse_jax.models import vae as vae_lib  # models import this module
 
     folder = component_dir(folder, "vae")
     config = vae_lib.VAEConfig.from_diffusers(read_config(folder), where=str(folder))
-    model = vae_lib.AutoencoderKL(config, dtype=dtype)
+    model = vae_lib.AutoencoderKL(config, dtype=dtype, attention=attention)
     params = convert_state_dict(
         read_safetensors(folder),
         abstract_params(model),

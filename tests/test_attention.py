@@ -2,6 +2,7 @@
 gradients w.r.t. q, k, v, with masks, causal masking, odd lengths, bfloat16 upcast; the names."""
 
 import logging
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +27,14 @@ def _inputs(tq: int, tk: int, dtype=jnp.float32, seed: int = 0):
 
 
 def _mask(kind: str, tq: int, tk: int, empty_row: bool = True):
-    """None, a full [B, 1, Tq, Tk] mask (with one fully masked row), or key padding [B, 1, 1, Tk]."""
+    """None, a full [B, 1, Tq, Tk] mask (one row fully masked), or key padding [B, 1, 1, Tk]."""
     if kind == "none":
         return None
     rng = np.random.default_rng(1)
     if kind == "keys":
-        return jnp.asarray(np.arange(tk)[None, None, None, :] < np.array([tk, tk - 7])[:, None, None, None])
+        return jnp.asarray(
+            np.arange(tk)[None, None, None, :] < np.array([tk, tk - 7])[:, None, None, None]
+        )
     mask = rng.random((B, 1, tq, tk)) < 0.7
     mask[0, 0, 3] = not empty_row  # a row that attends nowhere: uniform over every key, as in jax
     return jnp.asarray(mask)
@@ -53,7 +56,9 @@ def _out_and_grads(implementation, qkv, d_out, mask, causal, upcast=False):
 
 def _assert_close(got, want, tol):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol, rtol=tol
+        )
 
 
 @pytest.fixture
@@ -94,9 +99,11 @@ def test_default_block_odd_length():
 
 @pytest.mark.parametrize("implementation", ["xla", "blockwise"])
 def test_upcast_bfloat16_matches_float32(small_blocks, implementation):
-    """upcast: bfloat16 inputs, float32 math; only the bfloat16 rounding of in- and outputs is left."""
+    """upcast: bfloat16 inputs, float32 math; only bfloat16 rounding of inputs and outputs left."""
     qkv, d_out = _inputs(77, 77, jnp.bfloat16)
-    reference = _out_and_grads("xla", tuple(x.astype(jnp.float32) for x in qkv), d_out.astype(jnp.float32), None, True)
+    reference = _out_and_grads(
+        "xla", tuple(x.astype(jnp.float32) for x in qkv), d_out.astype(jnp.float32), None, True
+    )
     got = _out_and_grads(implementation, qkv, d_out, None, True, upcast=True)
     assert got[0].dtype == jnp.bfloat16
     _assert_close(got, reference, 2e-2)
@@ -108,6 +115,14 @@ def test_unknown_name_is_a_config_error():
     qkv, _ = _inputs(4, 4)
     with pytest.raises(ConfigError, match="'flash2' is not one of"):
         attention.dot_product_attention(*qkv, implementation="flash2")
+
+
+def test_config_refuses_unknown_attention():
+    default = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+    config = config_lib.sibling_module(str(default), "tiny").get_config()
+    config.model.attention = "flash"
+    with pytest.raises(ConfigError, match="config.model.attention='flash' is not one of"):
+        config_lib.validate(config)
 
 
 def test_cudnn_on_cpu_falls_back_to_xla(monkeypatch, caplog):

@@ -7,10 +7,10 @@ chosen here, by name (config `model.attention`):
 
 - "xla": `jax.nn.dot_product_attention`, materialised scores (the reference).
 - "blockwise": portable flash attention in plain JAX. An online softmax over key blocks of
-  `BLOCK` keys; a custom VJP saves only the output and the softmax max and sum per query and recomputes
-  each block's probabilities in the backward pass (flash-attention-2), so memory is O(T x BLOCK)
-  instead of O(T^2). On the 2-core CPU it is also 4x faster than "xla" (the score blocks stay in
-  cache).
+  `BLOCK` keys; a custom VJP saves only the output and the softmax max and sum per query and
+  recomputes each block's probabilities in the backward pass (flash-attention-2), so memory is
+  O(T x BLOCK) instead of O(T^2). On the 2-core CPU it is also 4x faster than "xla" (the score
+  blocks stay in cache).
 - "cudnn": cuDNN's fused flash kernel (`implementation="cudnn"`), GPU only, fp16/bf16 and head
   size <= 128 (256 from Hopper on), multiple of 8, no explicit mask; otherwise "xla", with the
   reason logged once.
@@ -54,7 +54,9 @@ def _log_once(message: str, warn: bool = False) -> None:
 
 def _check_name(name: str) -> None:
     if name not in IMPLEMENTATIONS:
-        raise ConfigError(f"attention implementation {name!r} is not one of {list(IMPLEMENTATIONS)}")
+        raise ConfigError(
+            f"attention implementation {name!r} is not one of {list(IMPLEMENTATIONS)}"
+        )
 
 
 def _cudnn_refusal(q: jax.Array, mask: jax.Array | None) -> str | None:
@@ -188,7 +190,7 @@ def _scan_blocks(body, init, xs, num_blocks: int):
 
 
 def _flash_forward(q, k, v, mask, causal: bool, block: int):
-    """Output [B, N, Tq, H] and the float32 row max and 1 / row sum [B, N, Tq], by an online softmax.
+    """Output [B, N, Tq, H] and float32 row max and 1 / row sum [B, N, Tq], by an online softmax.
 
     Max and sum stay apart (no log-sum-exp): in a fully masked row the max is the huge MASK_VALUE,
     which would swallow log(sum) in float32.
@@ -199,15 +201,17 @@ def _flash_forward(q, k, v, mask, causal: bool, block: int):
     masks = None if mask is None else _mask_blocks(mask, block)
 
     def body(carry, xs):
-        m, l, acc = carry
+        m, total, acc = carry
         k_j, v_j, j, mask_j = xs
         s, _ = _scores(q, k_j, j, mask_j, causal, tk, block)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         correction = jnp.exp(m - m_new)
-        l = l * correction + p.sum(-1)
-        pv = jnp.einsum("bnqk,bnkh->bnqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
-        return (m_new, l, acc * correction[..., None] + pv), None
+        total = total * correction + p.sum(-1)
+        pv = jnp.einsum(
+            "bnqk,bnkh->bnqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32
+        )
+        return (m_new, total, acc * correction[..., None] + pv), None
 
     stats = q.shape[:3]
     init = (
@@ -216,8 +220,8 @@ def _flash_forward(q, k, v, mask, causal: bool, block: int):
         jnp.zeros(q.shape, jnp.float32),
     )
     xs = (k_blocks, v_blocks, jnp.arange(num_blocks), masks)
-    (m, l, acc), _ = _scan_blocks(body, init, xs, num_blocks)
-    inv_l = 1.0 / l
+    (m, total, acc), _ = _scan_blocks(body, init, xs, num_blocks)
+    inv_l = 1.0 / total
     return (acc * inv_l[..., None]).astype(q.dtype), (m, inv_l)
 
 
@@ -245,7 +249,9 @@ def _flash_bwd(causal: bool, block: int, residuals, d_out):
         k_j, v_j, j, mask_j = xs
         s, keep = _scores(q, k_j, j, mask_j, causal, tk, block)
         p = jnp.exp(s - m[..., None]) * inv_l[..., None]
-        dv = jnp.einsum("bnqk,bnqh->bnkh", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+        dv = jnp.einsum(
+            "bnqk,bnqh->bnkh", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32
+        )
         dp = jnp.einsum("bnqh,bnkh->bnqk", d_out, v_j, preferred_element_type=jnp.float32)
         ds = p * (dp - delta[..., None]) * scale
         if keep is not None:  # masked scores are constants: no gradient flows through them

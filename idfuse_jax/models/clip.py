@@ -268,6 +268,7 @@ class CLIPAttention(nn.Module):
     num_heads: int
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -275,7 +276,7 @@ class CLIPAttention(nn.Module):
             split_heads(dense(self.hidden_size, name, self.dtype)(x), self.num_heads)
             for name in ("q_proj", "k_proj", "v_proj")
         )
-        out = dot_product_attention(q, k, v, is_causal=self.causal)
+        out = dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attention)
         return dense(self.hidden_size, "out_proj", self.dtype)(merge_heads(out))
 
 
@@ -297,13 +298,19 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig | CLIPVisionConfig
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         h = layer_norm(x, c.layer_norm_eps, "layer_norm1", self.dtype)
         x = x + CLIPAttention(
-            c.hidden_size, c.num_attention_heads, self.causal, self.dtype, name="self_attn"
+            c.hidden_size,
+            c.num_attention_heads,
+            self.causal,
+            self.dtype,
+            self.attention,
+            name="self_attn",
         )(h)
         h = layer_norm(x, c.layer_norm_eps, "layer_norm2", self.dtype)
         return x + CLIPMLP(
@@ -321,13 +328,16 @@ class CLIPEncoder(nn.Module):
     config: CLIPTextConfig | CLIPVisionConfig
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
     remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, self.causal, self.dtype, name=f"layers_{i}")(x)
+            x = layer_cls(self.config, self.causal, self.dtype, self.attention, name=f"layers_{i}")(
+                x
+            )
         return x
 
 
@@ -382,6 +392,7 @@ class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # models.attention.IMPLEMENTATIONS
 
     def example_inputs(self) -> tuple[jax.Array]:
         """A dummy input of the right shape and dtype, for init / eval_shape."""
@@ -398,7 +409,14 @@ class CLIPTextTransformer(nn.Module):
                 f"{c.max_position_embeddings}"
             )
         x = CLIPTextEmbeddings(c, name="embeddings")(input_ids).astype(self.dtype)
-        x = CLIPEncoder(c, causal=True, dtype=self.dtype, remat=self.remat, name="encoder")(x)
+        x = CLIPEncoder(
+            c,
+            causal=True,
+            dtype=self.dtype,
+            remat=self.remat,
+            attention=self.attention,
+            name="encoder",
+        )(x)
         x = layer_norm(x, c.layer_norm_eps, "final_layer_norm", self.dtype)
         pooled = x[jnp.arange(x.shape[0]), eos_positions(input_ids, c.eos_token_id)]
         embeds = None
@@ -464,6 +482,7 @@ class CLIPVisionTransformer(nn.Module):
     config: CLIPVisionConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # models.attention.IMPLEMENTATIONS
 
     def example_inputs(self) -> tuple[jax.Array]:
         """A dummy input of the right shape and dtype, for init / eval_shape."""
@@ -476,7 +495,14 @@ class CLIPVisionTransformer(nn.Module):
         check_image_input(pixels, c.image_size, c.num_channels)
         x = CLIPVisionEmbeddings(c, self.dtype, name="embeddings")(pixels)
         x = layer_norm(x, c.layer_norm_eps, "pre_layrnorm", self.dtype)  # sic, transformers' name
-        x = CLIPEncoder(c, causal=False, dtype=self.dtype, remat=self.remat, name="encoder")(x)
+        x = CLIPEncoder(
+            c,
+            causal=False,
+            dtype=self.dtype,
+            remat=self.remat,
+            attention=self.attention,
+            name="encoder",
+        )(x)
         pooled = layer_norm(x[:, 0], c.layer_norm_eps, "post_layernorm", self.dtype)
         embeds = None
         if c.projection_dim is not None:
