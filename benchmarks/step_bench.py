@@ -47,7 +47,7 @@ from bench_models import MIB, Torch, machine, save_and_load
 from diffusers import DDPMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 
-from idfuse_jax import config_lib, diffusion, metrics, pipeline, train_lib, weights
+from idfuse_jax import build, config_lib, diffusion, method, metrics, optim, train_lib, weights
 from idfuse_jax.models import attention as attention_lib
 from idfuse_jax.models import clip, conditioning, unet, vae
 
@@ -205,7 +205,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def torch_step_fn(spec, config, torch_unet, torch_text, th: Torch, inputs: dict):
     """A closure running one PyTorch training step (forward, backward, clip, AdamW)."""
-    m, lam = config.method, config.loss
+    m, w = config.method, config.loss.weights
     text_width = spec["text"]["hidden_size"]
     idfuse = TorchIdFuse(spec["image_width"], text_width, m.num_experts).to(th.device)
     trainable = add_lora(torch_unet, TORCH_UNET_LORA, m.lora_rank, m.lora_alpha)
@@ -221,11 +221,25 @@ def torch_step_fn(spec, config, torch_unet, torch_text, th: Torch, inputs: dict)
         weight_decay=config.optim.weight_decay,
     )
     ddpm_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
-    scheduler = DDPMScheduler(**{k: pipeline.SD_SCHEDULE[k] for k in ddpm_keys})
+    scheduler = DDPMScheduler(**{k: build.SD_SCHEDULE[k] for k in ddpm_keys})
     x = {k: th.tensor(v) for k, v in inputs.items()}
     mse = torch.nn.functional.mse_loss
 
+    # bfloat16 as JAX runs it: float32 parameters and optimiser, bfloat16 compute (autocast).
+    autocast = functools.partial(
+        torch.autocast, th.device.type, torch.bfloat16, enabled=config.model.dtype == "bfloat16"
+    )
+
     def step() -> float:
+        with autocast():
+            loss = forward()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return th.sync(loss.item())
+
+    def forward() -> torch.Tensor:
         f_s = torch_text(x["prompt_ids"]).last_hidden_state  # [1, T, D]
         f_i = idfuse.adapt(x["image_embeds"])
         with torch.no_grad():
@@ -242,18 +256,13 @@ def torch_step_fn(spec, config, torch_unet, torch_text, th: Torch, inputs: dict)
         ).sample
         pred_full, pred_text = pred.chunk(2)
         pooled = f_s.mean(1).expand_as(f_i)
-        loss = (
-            lam.lambda_denoise
-            * (mse(pred_full, noise) + lam.text_only_weight * mse(pred_text, noise))
-            + lam.lambda_text_background * _cos(pooled, f_i)
-            - lam.lambda_background_agree * _cos(f_i, f_bg)
-            + lam.lambda_subject_background * _cos(pooled, f_bg)
+        return (
+            w.denoise
+            * (mse(pred_full, noise) + config.loss.text_only_weight * mse(pred_text, noise))
+            + w.text_image * _cos(pooled, f_i)
+            - w.image_background * _cos(f_i, f_bg)
+            + w.text_background * _cos(pooled, f_bg)
         )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return th.sync(loss.item())
 
     return step
 
@@ -276,11 +285,11 @@ def subject_inputs(spec: dict, rng: np.random.Generator) -> dict[str, np.ndarray
     }
 
 
-def jax_models(spec, config, unet_module, text_module) -> pipeline.Models:
+def jax_models(spec, config, unet_module, text_module) -> build.Models:
     """The library's Models around loaded UNet and text encoder (VAE / image tower unused)."""
     text_width = spec["text"]["hidden_size"]
     image_config = clip.CLIPVisionConfig(projection_dim=spec["image_width"])
-    return pipeline.Models(
+    return build.Models(
         unet=unet_module,
         vae=vae.AutoencoderKL(vae.VAEConfig(latent_channels=LATENT_CHANNELS)),
         text_encoder=text_module,
@@ -293,14 +302,14 @@ def jax_models(spec, config, unet_module, text_module) -> pipeline.Models:
             adapter_hidden_mult=config.method.adapter_hidden_mult,
         ),
         tokenizer=None,
-        schedule=diffusion.Schedule.from_config(pipeline.SD_SCHEDULE),
+        schedule=diffusion.Schedule.from_config(build.SD_SCHEDULE),
     )
 
 
 def jax_step_fn(spec, config, models, frozen, inputs: dict):
     """(compiled step, its arguments, compile seconds): train_lib.train_step, state donated."""
     nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
-    subject = pipeline.SubjectFeatures(
+    subject = method.SubjectFeatures(
         latent_mean=nhwc(inputs["latent_mean"]),
         latent_logvar=nhwc(inputs["latent_logvar"]),
         image_embeds=jnp.asarray(inputs["image_embeds"]),
@@ -308,9 +317,9 @@ def jax_step_fn(spec, config, models, frozen, inputs: dict):
         prompt_ids=jnp.asarray(inputs["prompt_ids"], jnp.int32),
         num_items=spec["batch"],
     )
-    trainable = pipeline.init_trainable(jax.random.key(0), models, config, frozen)
-    schedule = train_lib.learning_rate_schedule(config.optim, config.train.steps)
-    optimizer = train_lib.make_optimizer(config.optim, schedule)
+    trainable = method.init_trainable(jax.random.key(0), models, config, frozen)
+    schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, schedule)
     state = train_lib.init_train_state(trainable, optimizer)
     step = jax.jit(
         functools.partial(
@@ -340,7 +349,7 @@ def run_size(name: str, spec: dict, args, th: Torch, tmp: pathlib.Path) -> Resul
         spec["latent"] = args.resolution // 8
     repeats = args.repeats or spec["repeats"]
     config = bench_config(args.dtype, args.attention)
-    dtype = pipeline.DTYPES[args.dtype]
+    dtype = build.DTYPES[args.dtype]
     torch.manual_seed(0)
     torch_unet = TorchUNet(
         **spec["unet"], sample_size=spec["latent"], in_channels=LATENT_CHANNELS,
@@ -370,9 +379,6 @@ def run_size(name: str, spec: dict, args, th: Torch, tmp: pathlib.Path) -> Resul
 
     torch_step = None
     if not args.jax_only:
-        if args.dtype != "float32":
-            torch_unet.to(torch.bfloat16)
-            torch_text.to(torch.bfloat16)
         torch_step = torch_step_fn(spec, config, torch_unet, torch_text, th, inputs)
     print(f"{name}: jax compiled in {compile_s:.1f} s; timing {repeats} steps", flush=True)
     # Alternate the two steps, so that both see the same load on a shared machine.
@@ -416,7 +422,7 @@ def unet512_memory(dtype: str, attention: str, batch: int = 1) -> tuple[float, f
     config = unet.UNetConfig(
         **_SD21_UNET, sample_size=64, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS
     )
-    model = unet.UNet2DConditionModel(config, dtype=pipeline.DTYPES[dtype], attention=attention)
+    model = unet.UNet2DConditionModel(config, dtype=build.DTYPES[dtype], attention=attention)
     params = jax.eval_shape(lambda: weights.init_params(model, jax.random.key(0)))
     flat = {"/".join(k): v for k, v in _flatten(params).items()}
     pattern = re.compile(bench_config(dtype, attention).method.unet_lora_targets)
@@ -476,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the JAX step's attention (model.attention)",
     )  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=tuple(pipeline.DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=tuple(build.DTYPES), default="float32")
     parser.add_argument(
         "--repeats", type=int, help="timed steps (default: 20 tiny, 5 small, 3 sd21)"
     )

@@ -16,8 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from idfuse_jax.errors import WeightsError
-
-PathLike = str | pathlib.Path
+from idfuse_jax.types import PathLike
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,

@@ -25,7 +25,8 @@ import numpy as np
 from flax import traverse_util
 
 from idfuse_jax.errors import WeightsError
-from idfuse_jax.formats import PathLike, component_dir, read_config, read_safetensors
+from idfuse_jax.formats import component_dir, read_config, read_safetensors
+from idfuse_jax.types import PathLike
 
 
 def torch_key_to_path(key: str) -> tuple[str, ...]:
