@@ -167,3 +167,48 @@ def test_tpu_flash_wrapper(monkeypatch, mask_kind, causal):
     want = _out_and_grads("xla", qkv, d_out, mask, causal)
     got = _out_and_grads("tpu_flash", qkv, d_out, mask, causal)
     _assert_close(got, want, TOL)
+
+
+def _small_models(implementation: str):
+    """One small instance of every model with attention, all asking for `implementation`."""
+    from idfuse_jax.models import clip, unet, vae, vit
+
+    kw = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    unet_config = unet.UNetConfig(
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        cross_attention_dim=8,
+        norm_num_groups=4,
+    )
+    return [
+        unet.UNet2DConditionModel(unet_config, attention=implementation),
+        vae.AutoencoderKL(
+            vae.VAEConfig(block_out_channels=(8,), norm_num_groups=4), attention=implementation
+        ),
+        clip.CLIPTextTransformer(
+            clip.CLIPTextConfig(hidden_size=8, vocab_size=10, max_position_embeddings=5, **kw),
+            attention=implementation,
+        ),
+        clip.CLIPVisionTransformer(
+            clip.CLIPVisionConfig(hidden_size=8, image_size=8, patch_size=4, **kw),
+            attention=implementation,
+        ),
+        vit.ViTModel(
+            vit.ViTConfig(hidden_size=8, image_size=8, patch_size=4, **kw), attention=implementation
+        ),
+    ]
+
+
+def test_every_model_passes_its_attention_down(monkeypatch):
+    """Each model's `attention` field reaches every attention call inside it (traced, not run)."""
+    asked: list[list[str]] = []
+    resolve = attention.resolve
+    monkeypatch.setattr(
+        attention, "resolve", lambda name, *a: asked[-1].append(name) or resolve(name, *a)
+    )
+    for model in _small_models("xla"):
+        asked.append([])
+        jax.eval_shape(lambda key, m=model: m.init(key, *m.example_inputs()), jax.random.key(0))
+        assert asked[-1] and set(asked[-1]) == {"xla"}, (type(model).__name__, asked[-1])
