@@ -307,7 +307,8 @@ def jax_models(spec, config, unet_module, text_module) -> build.Models:
 
 
 def jax_step_fn(spec, config, models, frozen, inputs: dict):
-    """(compiled step, its arguments, compile seconds): train_lib.train_step, state donated."""
+    """(compiled step, its arguments, compile seconds, model FLOPs): train_lib.train_step with
+    the state donated."""
     nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
     subject = method.SubjectFeatures(
         latent_mean=nhwc(inputs["latent_mean"]),
@@ -321,26 +322,34 @@ def jax_step_fn(spec, config, models, frozen, inputs: dict):
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     optimizer = optim.make_optimizer(config.optim, schedule)
     state = train_lib.init_train_state(trainable, optimizer)
-    step = jax.jit(
-        functools.partial(
-            train_lib.train_step,
-            models=models,
-            config=config,
-            optimizer=optimizer,
+
+    def jitted(models: build.Models):
+        step = functools.partial(
+            train_lib.train_step, models=models, config=config, optimizer=optimizer,
             schedule=schedule,
-        ),
-        donate_argnums=0,
-    )
+        )  # fmt: skip
+        return jax.jit(step, donate_argnums=0)
+
     args = (state, frozen, subject, jnp.arange(spec["batch"]), jax.random.key(1))
     start = time.perf_counter()
-    compiled = step.lower(*args).compile()
-    return compiled, args, time.perf_counter() - start
+    compiled = jitted(models).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    return compiled, args, seconds, model_flops(jitted, models, args)
 
 
-def _flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
+def model_flops(jitted, models: build.Models, args) -> float | None:
+    """FLOPs of the step's math, from the step lowered with materialised ("xla") attention.
+
+    The fused kernels' custom calls (cuDNN, Pallas) count no FLOPs in XLA's cost analysis, and
+    blockwise attention's backward recomputation is not model work; MFU counts neither.
+    """
+    xla = {"attention": "xla"}
+    plain = dataclasses.replace(
+        models, unet=models.unet.clone(**xla), text_encoder=models.text_encoder.clone(**xla)
+    )
+    cost = jitted(plain).lower(*args).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)) or None if cost else None
+    return (float(cost.get("flops", 0.0)) or None) if cost else None
 
 
 def run_size(name: str, spec: dict, args, th: Torch, tmp: pathlib.Path) -> Result:
@@ -367,7 +376,7 @@ def run_size(name: str, spec: dict, args, th: Torch, tmp: pathlib.Path) -> Resul
     inputs = subject_inputs(spec, np.random.default_rng(0))
     models = jax_models(spec, config, unet_module, text_module)
     frozen = {"unet": unet_params, "text": text_params}
-    compiled, jax_args, compile_s = jax_step_fn(spec, config, models, frozen, inputs)
+    compiled, jax_args, compile_s, flops = jax_step_fn(spec, config, models, frozen, inputs)
     mem = compiled.memory_analysis()
     holder = {"args": jax_args}
 
@@ -392,7 +401,7 @@ def run_size(name: str, spec: dict, args, th: Torch, tmp: pathlib.Path) -> Resul
         mem.argument_size_in_bytes / MIB,
         mem.temp_size_in_bytes / MIB,
         None if torch_peak is None else torch_peak / MIB,
-        _flops(compiled),
+        flops,
     )
 
 
@@ -404,7 +413,10 @@ def report(r: Result, device_kind: str) -> None:
         f"XLA temporaries {r.jax_temp_mib:.0f} MiB; pytorch peak rise {peak}"
     )
     if r.flops:
-        line = f"{r.size}: {r.flops / 1e12:.2f} TFLOP/step, {r.flops / r.jax_s / 1e12:.2f} TFLOP/s"
+        line = (
+            f"{r.size}: {r.flops / 1e9:.1f} GFLOP/step (model, from the cost analysis), "
+            f"{r.flops / r.jax_s / 1e12:.3f} TFLOP/s"
+        )
         peak_tflops = metrics.peak_tflops(device_kind)
         if peak_tflops:
             line += f", MFU {r.flops / r.jax_s / 1e12 / peak_tflops:.1%} of {peak_tflops:g}"
@@ -490,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="override the size's batch")
     parser.add_argument("--resolution", type=int, help="override the size's pixels (latents / 8)")
     parser.add_argument("--jax_only", action="store_true", help="skip the PyTorch step")
+    parser.add_argument("--torch_threads", type=int, help="PyTorch threads (default: all cores)")
     parser.add_argument(
         "--memory", default="auto",
         help="implementations for the 512 px UNet memory table (comma-separated, 'auto': those "
@@ -501,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
         parser.error(f"sizes must be among {sorted(SIZES)}, --repeats >= 1, --warmup >= 0")
     jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or args.device)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     th = Torch(args.device)
     device_kind = jax.devices()[0].device_kind
     print(f"{machine(th)}; jax {jax.__version__} ({device_kind}), torch {torch.__version__}; "
