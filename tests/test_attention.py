@@ -64,8 +64,9 @@ def _assert_close(got, want, tol):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 16 keys, so that short sequences span several blocks and a ragged last one."""
+    """Blocks of 16 keys and 32 queries: short sequences span several, with ragged last ones."""
     monkeypatch.setattr(attention, "BLOCK", 16)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 32)
 
 
 # 77 text tokens (4 full blocks of 16 + 13), cross-attention 45 queries -> 77 keys, 16 (one block).
@@ -89,7 +90,8 @@ def test_matches_xla(small_blocks, implementation, tq, tk, mask_kind, causal):
 
 
 def test_default_block_odd_length():
-    """The real block size at a length it does not divide (3 blocks, the last of one key)."""
+    """The real block sizes at lengths they do not divide (3 key blocks, the last of one key;
+    2 query blocks)."""
     qkv, d_out = _inputs(257, 2 * attention.BLOCK + 1)
     _assert_close(
         _out_and_grads("blockwise", qkv, d_out, None, False),
