@@ -15,12 +15,13 @@ compiled memory of a float32 and a bfloat16 SD 2.1-base UNet backward at 512 px 
 gradients of the LoRA-adapted attention projections) for each attention implementation the
 platform can compile.
 
-  python benchmarks/step_bench.py                            # tiny and small, 2-core CPU: ~3 min
+  python benchmarks/step_bench.py                # tiny, small, 512 px table: ~8 min, 2 cores
   python benchmarks/step_bench.py --size small --attention xla   # the materialised attention
   python benchmarks/step_bench.py --size sd21 --device cuda --resolution 512 --batch 8 \
       --dtype bfloat16 --attention cudnn                     # GPU: prints MFU (see README.md)
 
-Needs the `test` extra (torch, diffusers, transformers).
+Needs the `test` extra (torch, diffusers, transformers) and this checkout's idfuse_jax on the path
+(`pip install -e .`, or PYTHONPATH=. from the repository root).
 """
 
 from __future__ import annotations
