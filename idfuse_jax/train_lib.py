@@ -143,9 +143,20 @@ def train_step(
 # Data order: a grain iterator over the augmented images, checkpointed with the state
 
 
-def index_iterator(num_items: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless shuffled batches of indices into the precomputed per-image arrays."""
-    dataset = grain.MapDataset.range(num_items).seed(seed).shuffle().repeat().batch(batch_size)
+def index_iterator(
+    num_items: int, batch_size: int, seed: int, num_steps: int
+) -> Iterator[np.ndarray]:
+    """`num_steps` batches of shuffled indices into the precomputed per-image arrays.
+
+    Each epoch is reshuffled and batches run across epoch boundaries. The repeat is finite:
+    grain 0.2.18 computes an endless repeat's batched length as ceil(sys.maxsize / batch_size)
+    in floating point, which overflows at batch size 1. The order does not depend on `num_steps`
+    (a run resumed with more steps continues the same sequence), and the iterator's state is
+    its next batch index.
+    """
+    epochs = max(1, math.ceil(num_steps * batch_size / num_items))
+    dataset = grain.MapDataset.range(num_items).seed(seed).shuffle().repeat(epochs)
+    dataset = dataset.batch(batch_size)
     # A stream of small ints: no prefetch threads needed.
     read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     return iter(dataset.to_iter_dataset(read))
@@ -336,7 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     )
 
     mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
-    data_iter = index_iterator(subject.num_items, config.train.batch_size, config.seed)
+    data_iter = index_iterator(
+        subject.num_items, config.train.batch_size, config.seed, config.train.steps
+    )
     restored = checkpoint.restore_latest(mngr, state)
     start_step = 0
     if restored is not None:
