@@ -129,6 +129,44 @@ def read_safetensors(folder: PathLike) -> dict[str, np.ndarray]:
     return tensors
 
 
+# Keys that transformers' PretrainedConfig writes into every config.json, in 4.x (the full
+# attribute list of PretrainedConfig.__init__, generation options included) and 5.x (its dataclass
+# fields and the generation options it drops on load, `GenerationConfig._get_default_generation_
+# params`), that do not change what an encoder computes: names, versions, storage dtype, output
+# and generation options, label maps, token ids (CLIP's text tower reads `eos_token_id` itself),
+# feed-forward chunking (same numbers, less memory) and tied embeddings (no LM head here).
+# Keys starting with "_" (`_name_or_path`, `_commit_hash`, ...) are never read.
+TRANSFORMERS_GENERIC_KEYS = frozenset(
+    {
+        # identity and storage
+        "architectures", "transformers_version", "torch_dtype", "dtype", "name_or_path",
+        "use_bfloat16", "torchscript", "xla_device", "gradient_checkpointing",
+        "attn_implementation", "experts_implementation",
+        # outputs
+        "return_dict", "output_hidden_states", "output_attentions", "tie_last_hidden_states",
+        "tf_legacy_loss", "use_cache", "chunk_size_feed_forward", "tie_word_embeddings",
+        "tie_encoder_decoder", "cross_attention_hidden_size",
+        # fine-tuning heads and tokenizer hints
+        "id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
+        "tokenizer_class", "prefix", "task_specific_params",
+        # token ids
+        "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+        # generation options (4.x wrote them into every config; 5.x drops them on load)
+        "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+        "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+        "repetition_penalty", "encoder_repetition_penalty", "length_penalty",
+        "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+        "num_return_sequences", "output_scores", "return_dict_in_generate",
+        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+        "epsilon_cutoff", "eta_cutoff", "num_assistant_tokens", "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
+        # initialisation scales (loaded weights replace the init)
+        "initializer_range", "initializer_factor",
+    }
+)  # fmt: skip
+
+
 def check_config_keys(
     config: Mapping[str, Any],
     supported: Iterable[str],
@@ -136,14 +174,18 @@ def check_config_keys(
     *,
     where: str,
 ) -> None:
-    """Refuse config keys we do not implement (so nothing is silently ignored).
+    """Refuse config keys we do not implement (so nothing is silently ignored), naming each with
+    its value.
 
-    `ignored` lists keys that carry no meaning for the computation (names, versions).
+    `ignored` lists keys that carry no meaning for the computation (names, versions). Keys
+    starting with "_" are metadata (diffusers' `_class_name`, `_diffusers_version`,
+    `_name_or_path`; transformers' `_name_or_path`, `_commit_hash`), never read by either library.
     """
     allowed = set(supported) | set(ignored)
     unknown = sorted(k for k in config if k not in allowed and not k.startswith("_"))
     if unknown:
-        raise WeightsError(f"{where}: unsupported config keys {unknown}")
+        shown = ", ".join(f"{k}={config[k]!r}" for k in unknown)
+        raise WeightsError(f"{where}: unsupported config keys: {shown}")
 
 
 def require_value(

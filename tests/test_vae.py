@@ -146,7 +146,7 @@ def test_latent_scaling(case):
             "unsupported down_block_types=.*AttnDownEncoderBlock2D",
         ),
         ({"norm_num_groups": 3}, "block width 8 is not divisible by norm_num_groups=3"),
-        ({"use_tiling": True}, r"unsupported config keys \['use_tiling'\]"),
+        ({"use_tiling": True}, r"unsupported config keys: use_tiling=True"),
     ],
 )
 def test_bad_configs_name_the_culprit(case, overrides, message):
