@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.pretrained = ""
     # transformers CLIPVisionModelWithProjection or CLIPModel folder: the image encoder E_I.
     c.model.image_encoder = ""
+    # Weight-file variant of the pipeline's unet/ vae/ text_encoder/, as diffusers' `variant`:
+    # "fp16" loads diffusion_pytorch_model.fp16.safetensors and model.fp16.safetensors (the
+    # values are cast to float32 on load). "" loads the plain files.
+    c.model.variant = ""
     c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32); params float32
     c.model.remat = False  # rematerialise UNet blocks: less memory, ~30% more compute
     # Sizes of the random models used when model.pretrained is empty.

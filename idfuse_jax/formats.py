@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from absl import logging
 
 from idfuse_jax.errors import WeightsError
 
@@ -91,38 +92,84 @@ def read_safetensors_file(path: PathLike) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        weight_map = read_json(index[0]).get("weight_map", {})
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    # Prefer full-precision files where a variant (e.g. *.fp16.safetensors) sits beside them.
-    plain = [f for f in files if f.name.count(".") == 1]
-    return plain or files
+# The weight file each library loads from a model folder; an index names a sharded checkpoint.
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
 
 
-def read_safetensors(folder: PathLike) -> dict[str, np.ndarray]:
-    """Every tensor in the folder's safetensors files (sharded checkpoints included)."""
+def add_variant(name: str, variant: str) -> str:
+    """`model.safetensors` + "fp16" -> `model.fp16.safetensors`, as both libraries name variants
+    (`model.safetensors.index.json` -> `model.safetensors.index.fp16.json`)."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def weight_files(folder: pathlib.Path, weights_name: str, variant: str = "") -> list[pathlib.Path]:
+    """The safetensors files the library would load from `folder`, and only those.
+
+    `weights_name` is `DIFFUSERS_WEIGHTS` or `TRANSFORMERS_WEIGHTS`. The file itself, or its
+    `.index.json` and the shards it lists; with `variant`, the variant's names instead. diffusers
+    (`ModelMixin.from_pretrained`) takes the index first, transformers the single file first.
+    Every other file (`.bin`, `.ckpt`, other variants, other libraries' `*.safetensors` such as
+    open_clip's) is ignored, with one log line.
+    """
+    single = folder / add_variant(weights_name, variant)
+    index = folder / add_variant(f"{weights_name}.index.json", variant)
+    order = (index, single) if weights_name == DIFFUSERS_WEIGHTS else (single, index)
+    chosen = next((p for p in order if p.is_file()), None)
+    if chosen is None:
+        raise WeightsError(_no_weights_message(folder, single.name, index.name, variant))
+    if chosen == index:
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"{index}: no weight_map")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [chosen]
+    others = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file()
+        and p not in files
+        and p != chosen
+        and p.name.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5"))
+    )
+    if others:
+        logging.info("%s: loading %s; ignoring %s", folder, chosen.name, ", ".join(others))
+    return files
+
+
+def _no_weights_message(folder: pathlib.Path, single: str, index: str, variant: str) -> str:
+    where = f"{folder}: no {single} (nor {index})"
+    variants = sorted(p.name for p in folder.glob("*.safetensors") if p.name != single)
+    if variant or variants:
+        hint = "; safetensors here: " + ", ".join(variants) if variants else ""
+        return where + f"{hint} (choose one with config.model.variant)"
+    torch_files = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt*")
+    )
+    if torch_files:
+        return (
+            f"{where}; it holds only PyTorch pickle weights ({', '.join(torch_files)}): "
+            'convert once with torch installed: `python -c "import sys, transformers; '
+            "m = transformers.AutoModel.from_pretrained(sys.argv[1]); "
+            'm.save_pretrained(sys.argv[1], safe_serialization=True)" FOLDER` '
+            "(diffusers models: the model class's from_pretrained / save_pretrained likewise)"
+        )
+    return where
+
+
+def read_safetensors(
+    folder: PathLike, weights_name: str, variant: str = ""
+) -> dict[str, np.ndarray]:
+    """Every tensor of the model in `folder` (see `weight_files`), memory-mapped."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: weights folder not found")
-    files = _weight_files(folder)
-    if not files:
-        torch_files = sorted(p.name for p in folder.glob("*.bin")) + sorted(
-            p.name for p in folder.glob("*.pt*")
-        )
-        if torch_files:
-            raise WeightsError(
-                f"{folder}: holds only PyTorch pickle weights ({', '.join(torch_files)}); "
-                'convert once with torch installed: `python -c "import sys, transformers; '
-                "m = transformers.AutoModel.from_pretrained(sys.argv[1]); "
-                'm.save_pretrained(sys.argv[1], safe_serialization=True)" FOLDER` '
-                "(diffusers models: the model class's from_pretrained / save_pretrained likewise)"
-            )
-        raise WeightsError(f"{folder}: no *.safetensors weight files")
     tensors: dict[str, np.ndarray] = {}
-    for path in files:
+    for path in weight_files(folder, weights_name, variant):
         if not path.is_file():
             raise WeightsError(f"{path}: weight file listed in the index is missing")
         tensors.update(read_safetensors_file(path))

@@ -2,8 +2,10 @@
 
 The on-disk formats are the ones diffusers and transformers write: a folder with `config.json`
 and `*.safetensors`, and diffusers' pipeline folder (`model_index.json` with `unet/`, `vae/`,
-`text_encoder/`, `tokenizer/`, `scheduler/`). Our Flax modules mirror the PyTorch module names,
-so a state-dict key maps to a parameter path by one generic rule:
+`text_encoder/`, `tokenizer/`, `scheduler/`), each model's weights in the file its library
+loads (`formats.weight_files`: `diffusion_pytorch_model[.variant].safetensors` or
+`model[.variant].safetensors`, or their index; nothing else in the folder). Our Flax modules
+mirror the PyTorch module names, so a state-dict key maps to a parameter path by one generic rule:
 
   "down_blocks.0.attentions.1.to_q.weight" -> ("down_blocks_0", "attentions_1", "to_q", "kernel")
 
@@ -25,7 +27,14 @@ import numpy as np
 from flax import traverse_util
 
 from idfuse_jax.errors import WeightsError
-from idfuse_jax.formats import PathLike, component_dir, read_config, read_safetensors
+from idfuse_jax.formats import (
+    DIFFUSERS_WEIGHTS,
+    TRANSFORMERS_WEIGHTS,
+    PathLike,
+    component_dir,
+    read_config,
+    read_safetensors,
+)
 
 
 def torch_key_to_path(key: str) -> tuple[str, ...]:
@@ -152,7 +161,7 @@ _CLIP_VISION_SIDE = (r"vision_model\..*", r"visual_projection\..*")
 
 
 def _load_clip_tower(
-    folder: PathLike, side: str, dtype: Any, remat: bool
+    folder: PathLike, side: str, dtype: Any, remat: bool, variant: str
 ) -> tuple[Any, dict[str, Any]]:
     """One CLIP tower ("text" or "vision"), the other tower's tensors ignored."""
     from idfuse_jax.models import clip
@@ -164,7 +173,7 @@ def _load_clip_tower(
                    "visual_projection", "vision_model.", _CLIP_TEXT_SIDE),
     }[side]  # fmt: skip
     folder = component_dir(folder, component)
-    tensors = read_safetensors(folder)
+    tensors = read_safetensors(folder, TRANSFORMERS_WEIGHTS, variant)
     config = config_cls.from_transformers(
         read_config(folder), with_projection=f"{projection}.weight" in tensors, where=str(folder)
     )
@@ -180,7 +189,7 @@ def _load_clip_tower(
 
 
 def load_clip_text(
-    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, variant: str = ""
 ) -> tuple[Any, dict[str, Any]]:
     """(CLIPTextTransformer, float32 numpy params) from a transformers text-encoder folder.
 
@@ -188,11 +197,11 @@ def load_clip_text(
     pipeline folder (its text_encoder/). The projection is built when the weights hold
     `text_projection.weight`. `dtype` is the module's compute dtype.
     """
-    return _load_clip_tower(folder, "text", dtype, remat)
+    return _load_clip_tower(folder, "text", dtype, remat, variant)
 
 
 def load_clip_vision(
-    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, variant: str = ""
 ) -> tuple[Any, dict[str, Any]]:
     """(CLIPVisionTransformer, float32 numpy params) from a transformers image-encoder folder.
 
@@ -200,7 +209,7 @@ def load_clip_vision(
     side is ignored), or a diffusers pipeline folder (its image_encoder/). The projection is
     built when the weights hold `visual_projection.weight`.
     """
-    return _load_clip_tower(folder, "vision", dtype, remat)
+    return _load_clip_tower(folder, "vision", dtype, remat, variant)
 
 
 def load_vit(
@@ -214,7 +223,7 @@ def load_vit(
     from idfuse_jax.models.vit import ViTConfig, ViTModel
 
     folder = pathlib.Path(folder)
-    tensors = read_safetensors(folder)
+    tensors = read_safetensors(folder, TRANSFORMERS_WEIGHTS)
     config = ViTConfig.from_transformers(read_config(folder), where=str(folder))
     module = ViTModel(config, dtype=dtype, remat=remat)
     params = convert_state_dict(
@@ -246,7 +255,9 @@ def _rename_legacy_vae_attention(key: str) -> str:
     return f"{m[1]}.{_LEGACY_VAE_ATTENTION[m[2]]}.{m[3]}" if m else key
 
 
-def load_unet(folder: PathLike, *, dtype: Any = np.float32, remat: bool = False) -> tuple[Any, Any]:
+def load_unet(
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, variant: str = ""
+) -> tuple[Any, Any]:
     """A diffusers UNet2DConditionModel folder (or pipeline folder) -> (model, float32 params).
 
     The params are host (numpy) arrays, so the caller chooses their device placement/sharding.
@@ -256,11 +267,12 @@ def load_unet(folder: PathLike, *, dtype: Any = np.float32, remat: bool = False)
     folder = component_dir(folder, "unet")
     config = unet_lib.UNetConfig.from_diffusers(read_config(folder), where=str(folder))
     model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat)
-    params = convert_state_dict(read_safetensors(folder), abstract_params(model), where=str(folder))
+    tensors = read_safetensors(folder, DIFFUSERS_WEIGHTS, variant)
+    params = convert_state_dict(tensors, abstract_params(model), where=str(folder))
     return model, params
 
 
-def load_vae(folder: PathLike, *, dtype: Any = np.float32) -> tuple[Any, Any]:
+def load_vae(folder: PathLike, *, dtype: Any = np.float32, variant: str = "") -> tuple[Any, Any]:
     """A diffusers AutoencoderKL folder (or pipeline folder) -> (model, float32 params)."""
     from idfuse_jax.models import vae as vae_lib  # models import this module
 
@@ -268,7 +280,7 @@ def load_vae(folder: PathLike, *, dtype: Any = np.float32) -> tuple[Any, Any]:
     config = vae_lib.VAEConfig.from_diffusers(read_config(folder), where=str(folder))
     model = vae_lib.AutoencoderKL(config, dtype=dtype)
     params = convert_state_dict(
-        read_safetensors(folder),
+        read_safetensors(folder, DIFFUSERS_WEIGHTS, variant),
         abstract_params(model),
         where=str(folder),
         rename=_rename_legacy_vae_attention,

@@ -156,3 +156,199 @@ def test_settings_that_change_the_math_are_refused_by_key_and_value(
     with pytest.raises(WeightsError) as error:
         parse(config)
     assert message in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-repo downloads: the files `huggingface-cli download` leaves, tiny random weights.
+
+TINY_UNET = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": [2, 4],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,
+    "sample_size": 4,
+}
+TINY_VAE = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+             "num_hidden_layers": 2}  # fmt: skip
+TINY_VISION = {**TINY_TEXT, "image_size": 32, "patch_size": 8}
+
+
+def _save(tensors: dict, path: pathlib.Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+
+
+def _torch_files(model, folder: pathlib.Path, stem: str, prefix: str = "") -> dict[str, np.ndarray]:
+    """save_pretrained's safetensors plus fp16 / .bin copies, as hub repos hold them.
+
+    The fp16 variant holds other values (shifted by 0.5), so a test can tell which was read.
+    `prefix` restores the names transformers 4.x wrote (`text_model.` for a CLIPTextModel).
+    """
+    import torch
+    from safetensors.numpy import load_file
+
+    model.save_pretrained(folder, safe_serialization=True)
+    state = load_file(str(folder / f"{stem}.safetensors"))
+    state = {(k if k.startswith(prefix) else prefix + k): v for k, v in state.items()}
+    _save(state, folder / f"{stem}.safetensors")
+    other = {k: (v + np.float32(0.5)).astype(np.float16) for k, v in state.items()}
+    _save(other, folder / f"{stem}.fp16.safetensors")
+    bin_stem = "pytorch_model" if stem == "model" else stem
+    for name in (f"{bin_stem}.bin", f"{bin_stem}.fp16.bin"):
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, folder / name)
+    return state
+
+
+def _published(path: pathlib.Path, **sizes) -> dict:
+    """A published config.json with tiny sizes put in (every other key as published)."""
+    return {**json.loads(path.read_text()), **sizes}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """stabilityai/stable-diffusion-2-1-base and laion/CLIP-ViT-H-14 as downloaded, tiny."""
+    import diffusers
+    import torch
+    from test_tokenizer import write_tokenizer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hub")
+    sd = root / "stable-diffusion-2-1-base"
+    sd.mkdir()
+    published = (
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+    )
+    for name in published:
+        (sd / name).parent.mkdir(exist_ok=True)
+        (sd / name).write_text((SD21_BASE / name).read_text())
+    tokenizer = write_tokenizer(sd / "tokenizer_words", pad_token="!")
+    for name in ("vocab.json", "merges.txt"):
+        (tokenizer / name).rename(sd / "tokenizer" / name)
+    vocab_size = len(json.loads((sd / "tokenizer" / "vocab.json").read_text()))
+    state = {}
+    text = {**TINY_TEXT, "vocab_size": vocab_size}
+    for component, sizes, stem in (
+        ("unet", TINY_UNET, "diffusion_pytorch_model"),
+        ("vae", TINY_VAE, "diffusion_pytorch_model"),
+        ("text_encoder", text, "model"),
+    ):
+        folder = sd / component
+        folder.mkdir()
+        config = _published(SD21_BASE / component / "config.json", **sizes)
+        if component == "text_encoder":
+            model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
+        else:
+            model = getattr(diffusers, config["_class_name"]).from_config(config)
+        prefix = "text_model." if component == "text_encoder" else ""
+        state[component] = _torch_files(model, folder, stem, prefix)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    # SD 1.5's unet/ also holds the non-EMA weights; the repo root the original checkpoints.
+    _save(
+        {"x": np.zeros(2, np.float32)}, sd / "unet" / "diffusion_pytorch_model.non_ema.safetensors"
+    )
+    _save({"x": np.zeros(2, np.float32)}, sd / "v2-1_512-ema-pruned.safetensors")
+    torch.save({"state_dict": {}}, sd / "v2-1_512-ema-pruned.ckpt")
+    (sd / "feature_extractor").mkdir()
+    (sd / "feature_extractor" / "preprocessor_config.json").write_text("{}")
+
+    # laion's repo: a CLIPModel folder (transformers 4.24 config), open_clip files beside it.
+    clip_dir = root / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+    clip_dir.mkdir()
+    config = json.loads(
+        CLIP_H.read_text() if CLIP_H.is_file() else (CLIP_H / "config.json").read_text()
+    )
+    config["projection_dim"] = 16
+    config["text_config"].update(TINY_TEXT, vocab_size=vocab_size)
+    config["vision_config"].update(TINY_VISION)
+    config["text_config_dict"].update(TINY_TEXT)
+    config["vision_config_dict"].update(TINY_VISION)
+    model = transformers.CLIPModel(transformers.CLIPConfig.from_dict(config))
+    state["image_encoder"] = _torch_files(model, clip_dir, "model")
+    (clip_dir / "config.json").write_text(json.dumps(config, indent=2))
+    open_clip = {
+        "visual.proj": (32, 16),
+        "text_projection": (32, 16),
+        "visual.class_embedding": (32,),
+    }
+    _save({k: np.zeros(v, np.float32) for k, v in open_clip.items()},
+          clip_dir / "open_clip_model.safetensors")  # fmt: skip
+    torch.save({}, clip_dir / "open_clip_pytorch_model.bin")
+    return sd, clip_dir, state
+
+
+def _first_conv(params) -> np.ndarray:
+    return np.asarray(params["conv_in"]["kernel"])
+
+
+def test_whole_repo_download_loads_the_canonical_files(hub, caplog):
+    sd, clip_dir, state = hub
+    with caplog.at_level("INFO"):
+        _, unet_params = weights.load_unet(sd)
+    expected = state["unet"]["conv_in.weight"].transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(_first_conv(unet_params), expected)
+    ignored = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(ignored) == 1, ignored
+    for name in ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
+                 "diffusion_pytorch_model.non_ema.safetensors"):  # fmt: skip
+        assert name in ignored[0]
+    _, fp16 = weights.load_unet(sd, variant="fp16")
+    np.testing.assert_array_equal(
+        _first_conv(fp16), (state["unet"]["conv_in.weight"] + np.float32(0.5)).astype(np.float16)
+        .astype(np.float32).transpose(2, 3, 1, 0),
+    )  # fmt: skip
+    _, vae_params = weights.load_vae(sd)
+    np.testing.assert_array_equal(
+        vae_params["encoder"]["conv_in"]["kernel"],
+        state["vae"]["encoder.conv_in.weight"].transpose(2, 3, 1, 0),
+    )
+    _, text_params = weights.load_clip_text(sd)
+    np.testing.assert_array_equal(
+        text_params["embeddings"]["token_embedding"]["embedding"],
+        state["text_encoder"]["text_model.embeddings.token_embedding.weight"],
+    )
+    image_model, image_params = weights.load_clip_vision(clip_dir)
+    assert image_model.config.projection_dim == 16
+    np.testing.assert_array_equal(
+        image_params["visual_projection"]["kernel"],
+        state["image_encoder"]["visual_projection.weight"].T,
+    )
+    tokenizer = weights.load_tokenizer(sd)
+    assert tokenizer.pad_token_id == json.loads((sd / "tokenizer/vocab.json").read_text())["!"]
+
+
+def test_missing_variant_is_one_line_naming_the_file(hub):
+    _, clip_dir, _ = hub
+    with pytest.raises(
+        WeightsError, match=r"no model\.bf16\.safetensors .*model\.fp16\.safetensors"
+    ):
+        weights.load_clip_vision(clip_dir, variant="bf16")
+
+
+def test_whole_repo_download_trains_through_the_cli(hub, tmp_path):
+    """configs/tiny.py on the downloaded folders: the path every real run takes."""
+    from test_train import SHORT, metrics, ok, train
+
+    sd, clip_dir, _ = hub
+    ok(train(tmp_path, *SHORT, f"--config.model.pretrained={sd}",
+             f"--config.model.image_encoder={clip_dir}", "--config.train.batch_size=2",
+             "--config.train.steps=2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
+             devices=2))  # fmt: skip
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "idfuse_weights.safetensors").is_file()

@@ -100,7 +100,7 @@ def test_vae_matches_diffusers(case, dtype, bound):
 
 
 def test_legacy_attention_names_load(case, tmp_path):
-    state = weights.read_safetensors(case.folder)
+    state = weights.read_safetensors(case.folder, weights.DIFFUSERS_WEIGHTS)
     legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     renamed = {}
     for key, value in state.items():
