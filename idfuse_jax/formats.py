@@ -8,8 +8,9 @@ model; `idfuse_jax.weights` maps what these read onto our parameter trees.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -65,9 +66,63 @@ def component_dir(folder: PathLike, component: str) -> pathlib.Path:
     return folder
 
 
-def read_safetensors_file(path: PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file, memory-mapped, as numpy (bfloat16 included)."""
-    path = pathlib.Path(path)
+class StoredTensor:
+    """One tensor of a safetensors file, read from disk only when asked.
+
+    `read()` copies its bytes with one positional read into a fresh array (no memory mapping
+    stays behind), so a caller that converts, places and drops tensors one at a time holds
+    about one tensor in host memory, not the file.
+    """
+
+    def __init__(self, path: pathlib.Path, offset: int, shape: tuple[int, ...], dtype: Any):
+        self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < self.nbytes:  # os.preadv may return short reads for large tensors
+                n = os.preadv(f.fileno(), [view[done:]], self.offset + done)
+                if n <= 0:
+                    raise WeightsError(f"{self.path}: truncated safetensors file")
+                done += n
+        return out
+
+
+class LazyArray:
+    """A parameter still on disk: its final shape and dtype, and `load()` to read and convert it.
+
+    What the loaders return with `lazy=True`; `idfuse_jax.sharding.put` loads each one, places
+    it shard by shard and drops the host copy before the next.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, load: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self._load = tuple(shape), np.dtype(dtype), load
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def load(self) -> np.ndarray:
+        array = self._load()
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise WeightsError(
+                f"loaded {array.shape} {array.dtype}, expected {self.shape} {self.dtype}"
+            )
+        return array
+
+
+def _read_header(path: pathlib.Path) -> tuple[dict[str, Any], int]:
+    """(header, offset of the data section) of a .safetensors file."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -77,8 +132,17 @@ def read_safetensors_file(path: PathLike) -> dict[str, np.ndarray]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise WeightsError(f"{path}: corrupt safetensors header") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    tensors = {}
+    return header, 8 + header_len
+
+
+def read_safetensors_file(path: PathLike, *, lazy: bool = False) -> dict[str, Any]:
+    """All tensors of one .safetensors file: memory-mapped numpy arrays (bfloat16 included), or
+    with `lazy` `StoredTensor`s that read themselves when asked."""
+    path = pathlib.Path(path)
+    header, data_start = _read_header(path)
+    size = path.stat().st_size - data_start
+    data = None if lazy else np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
+    tensors: dict[str, Any] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -86,9 +150,12 @@ def read_safetensors_file(path: PathLike) -> dict[str, np.ndarray]:
         if dtype is None:
             raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        if end > data.size:
+        if end > size:
             raise WeightsError(f"{path}: truncated safetensors file (tensor {name})")
-        tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+        if lazy:
+            tensors[name] = StoredTensor(path, data_start + start, info["shape"], dtype)
+        else:
+            tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
     return tensors
 
 
@@ -162,9 +229,10 @@ def _no_weights_message(folder: pathlib.Path, single: str, index: str, variant: 
 
 
 def read_safetensors(
-    folder: PathLike, weights_name: str, variant: str = ""
-) -> dict[str, np.ndarray]:
-    """Every tensor of the model in `folder` (see `weight_files`), memory-mapped."""
+    folder: PathLike, weights_name: str, variant: str = "", *, lazy: bool = False
+) -> dict[str, Any]:
+    """Every tensor of the model in `folder` (see `weight_files`), memory-mapped, or as
+    `StoredTensor`s with `lazy`."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: weights folder not found")
@@ -172,7 +240,7 @@ def read_safetensors(
     for path in weight_files(folder, weights_name, variant):
         if not path.is_file():
             raise WeightsError(f"{path}: weight file listed in the index is missing")
-        tensors.update(read_safetensors_file(path))
+        tensors.update(read_safetensors_file(path, lazy=lazy))
     return tensors
 
 

@@ -157,13 +157,13 @@ def pretrained_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[s
         "model.image_encoder",
         "a transformers CLIP vision (or CLIPModel) folder",
     )
-    variant = config.model.variant
+    options = weights.LoadOptions(variant=config.model.variant)
     unet_model, unet_params = weights.load_unet(
-        sd, dtype=dtype, remat=config.model.remat, variant=variant
+        sd, dtype=dtype, remat=config.model.remat, options=options
     )
     # The VAE stays float32 (diffusers' force_upcast): it runs once per image, not per step.
-    vae_model, vae_params = weights.load_vae(sd, variant=variant)
-    text_model, text_params = weights.load_clip_text(sd, dtype=dtype, variant=variant)
+    vae_model, vae_params = weights.load_vae(sd, options=options)
+    text_model, text_params = weights.load_clip_text(sd, dtype=dtype, options=options)
     image_model, image_params = weights.load_clip_vision(image_dir, dtype=dtype)
     models = _assemble(
         config,

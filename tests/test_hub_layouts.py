@@ -306,7 +306,7 @@ def test_whole_repo_download_loads_the_canonical_files(hub, caplog):
     for name in ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
                  "diffusion_pytorch_model.non_ema.safetensors"):  # fmt: skip
         assert name in ignored[0]
-    _, fp16 = weights.load_unet(sd, variant="fp16")
+    _, fp16 = weights.load_unet(sd, options=weights.LoadOptions(variant="fp16"))
     np.testing.assert_array_equal(
         _first_conv(fp16), (state["unet"]["conv_in.weight"] + np.float32(0.5)).astype(np.float16)
         .astype(np.float32).transpose(2, 3, 1, 0),
@@ -336,7 +336,7 @@ def test_missing_variant_is_one_line_naming_the_file(hub):
     with pytest.raises(
         WeightsError, match=r"no model\.bf16\.safetensors .*model\.fp16\.safetensors"
     ):
-        weights.load_clip_vision(clip_dir, variant="bf16")
+        weights.load_clip_vision(clip_dir, options=weights.LoadOptions(variant="bf16"))
 
 
 def test_whole_repo_download_trains_through_the_cli(hub, tmp_path):
@@ -352,3 +352,21 @@ def test_whole_repo_download_trains_through_the_cli(hub, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert (tmp_path / "idfuse_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("param_dtype", [np.float32, jax.numpy.bfloat16], ids=["f32", "bf16"])
+def test_streamed_load_places_the_same_values(hub, param_dtype):
+    """lazy=True: leaves stay on disk until `sharding.put` reads, converts and places each."""
+    from idfuse_jax import formats, sharding
+
+    sd, clip_dir, _ = hub
+    mesh = sharding.make_mesh(1, 2, jax.devices()[:2])
+    options = weights.LoadOptions(lazy=True, param_dtype=param_dtype)
+    for load, folder in ((weights.load_unet, sd), (weights.load_clip_vision, clip_dir)):
+        _, lazy = load(folder, options=options)
+        assert all(isinstance(x, formats.LazyArray) for x in jax.tree.leaves(lazy))
+        placed = sharding.put(lazy, sharding.fsdp_shardings(lazy, mesh))
+        _, eager = load(folder)
+        for got, want in zip(jax.tree.leaves(placed), jax.tree.leaves(eager), strict=True):
+            assert got.dtype == param_dtype
+            np.testing.assert_array_equal(np.asarray(got), want.astype(param_dtype))
