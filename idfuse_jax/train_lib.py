@@ -417,11 +417,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             )
             return
         if is_main:
-            exported = pipeline.export_trainable(
-                state.params, workdir / "idfuse_weights.safetensors", config
-            )
-            size = exported.stat().st_size
-            print(f"Exported trainable weights: {exported} ({size / 2**20:.2f} MiB)", flush=True)
+            for exported in pipeline.export_run(state.params, workdir, config):
+                size = exported.stat().st_size
+                print(
+                    f"Exported trainable weights: {exported} ({size / 2**20:.2f} MiB)", flush=True
+                )
     finally:
         mngr.wait_until_finished()
         mngr.close()

@@ -370,3 +370,83 @@ def test_streamed_load_places_the_same_values(hub, param_dtype):
         for got, want in zip(jax.tree.leaves(placed), jax.tree.leaves(eager), strict=True):
             assert got.dtype == param_dtype
             np.testing.assert_array_equal(np.asarray(got), want.astype(param_dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The export, loaded by diffusers: LoRA file + the adapter/FFM in torch (examples/).
+
+
+def _example_module():
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "diffusers_sample.py"
+    spec = importlib.util.spec_from_file_location("diffusers_sample", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def test_diffusers_pipeline_with_exported_files_predicts_our_noise(hub, tmp_path):
+    """Our export in diffusers' StableDiffusionPipeline (load_lora_weights + FFM prompt embeds
+    from examples/diffusers_sample.py) gives our UNet's noise prediction, with and without a
+    reference image, for a trained-like state (every trainable tensor random, alpha != rank)."""
+    import diffusers
+    import torch
+
+    from idfuse_jax import pipeline
+    from idfuse_jax.config_lib import sibling_module
+    from idfuse_jax.models import conditioning
+
+    sd, clip_dir, _ = hub
+    tiny = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    config = sibling_module(str(tiny), "tiny").get_config()
+    config.model.pretrained, config.model.image_encoder = str(sd), str(clip_dir)
+    config.method.lora_alpha = 8.0  # scale 2: diffusers must read alpha from the file
+    models, frozen = pipeline.pretrained_models(config)
+    trainable = pipeline.init_trainable(jax.random.key(0), models, config, frozen)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    trainable = jax.tree.unflatten(
+        treedef, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    )
+    paths = pipeline.export_run(trainable, tmp_path, config)
+    assert [p.name for p in paths] == ["idfuse_weights.safetensors", "idfuse_lora.safetensors"]
+
+    prompts = ["a photo of sks dog in the snow", ""]
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)  # NHWC
+    timesteps = np.array([500, 500])
+    reference = rng.standard_normal((1, 16)).astype(np.float32)
+    unet_params, text_params = pipeline.merged_params(frozen, trainable, config)
+    ids = jax.numpy.asarray(models.tokenizer(prompts))
+    text = models.text_encoder.apply({"params": text_params}, ids).last_hidden_state
+    cond, _ = conditioning.text_conditioning(models.idfuse, trainable["idfuse"], text)
+    cond_ref, _ = conditioning.reference_conditioning(
+        models.idfuse, trainable["idfuse"], text[:1], reference
+    )
+    ours = models.unet.apply({"params": unet_params}, latents, timesteps, cond)
+
+    example = _example_module()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        str(sd), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    idfuse = example.load_trained(pipe, tmp_path)
+    embeds = example.prompt_embeds(pipe, idfuse, prompts)
+    embeds_ref = example.prompt_embeds(pipe, idfuse, prompts[:1], torch.from_numpy(reference))
+    with torch.no_grad():
+        theirs = pipe.unet(torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                           torch.from_numpy(timesteps), embeds).sample  # fmt: skip
+    assert _relative(embeds.numpy(), cond) < 1e-4
+    assert _relative(embeds_ref.numpy(), cond_ref) < 1e-4
+    assert _relative(theirs.numpy().transpose(0, 2, 3, 1), ours) < 1e-4
+    # Without the LoRA (a plain pipeline), the prediction is not ours: the file mattered.
+    pipe.unload_lora_weights()
+    with torch.no_grad():
+        plain = pipe.unet(torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                          torch.from_numpy(timesteps), embeds).sample  # fmt: skip
+    assert _relative(plain.numpy().transpose(0, 2, 3, 1), ours) > 1e-2
