@@ -74,10 +74,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.text_only_weight = 0.01  # weak denoising with FFM(f_s) alone (the inference path)
-    c.loss.lambda_denoise = 1.0  # L1
-    c.loss.lambda_text_background = 0.001  # L2 = cos(pool(f_s), f_i)
-    c.loss.lambda_background_agree = 0.001  # L3 = -cos(f_i, f'_i)
-    c.loss.lambda_subject_background = 0.001  # L4 = cos(pool(f_s), f'_i)
+    # L = Σ weights[k] L_k; each name is also the term's metric key (idfuse_jax/losses.py).
+    c.loss.weights = ml_collections.ConfigDict()
+    c.loss.weights.denoise = 1.0  # L1 = mse of the noise (or v) prediction
+    c.loss.weights.text_image = 0.001  # L2 = cos(pool(f_s), f_i)
+    c.loss.weights.image_background = 0.001  # L3 = -cos(f_i, f'_i)
+    c.loss.weights.text_background = 0.001  # L4 = cos(pool(f_s), f'_i)
     c.loss.text_pool = "mean"  # mean over tokens (DisenBooth) | eos token
 
     c.optim = ml_collections.ConfigDict()
@@ -98,7 +100,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.sample_every = 250  # sample grid in workdir/samples/step_N.png (and at the end)
     c.train.peak_tflops_per_device = 0.0  # for MFU; 0 looks the device kind up (None if unknown)
-    c.train.inject_nan_at_step = -1  # testing aid: make the loss NaN at this step (1-based)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = (

@@ -30,8 +30,7 @@ diffusion term and drifts down only slowly; judge the run by the samples.
 """
 
 from idfuse_jax.config_lib import sibling_module
-
-LIVE_CLASSES = ("dog", "cat")
+from idfuse_jax.data.dreambench import LIVE_CLASSES
 
 
 def get_config(arg: str | None = None):

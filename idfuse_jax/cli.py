@@ -10,6 +10,7 @@ from typing import NoReturn, TypeVar
 
 from absl import flags
 
+from idfuse_jax.config_lib import renamed_key_message
 from idfuse_jax.errors import EXIT_USER_ERROR, UserError
 
 T = TypeVar("T")
@@ -34,6 +35,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     Pass as `app.run(main, flags_parser=parse_flags)`.
     """
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            message = renamed_key_message(arg[len("--config.") :].split("=", 1)[0])
+            if message:
+                fail(f"{message} (in {arg})")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

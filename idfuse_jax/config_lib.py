@@ -1,30 +1,49 @@
-"""Config helpers: loading a sibling config file and checking values before anything runs.
+"""Config helpers: loading a sibling config file, checking values before anything runs, and
+reading the config.json of a run written by an older version.
 
 Configs are ml_collections `get_config()` files in configs/; `configs/default.py` documents
 every field. Keys are locked by the `--config` flag (an unknown `--config.x=y` is refused by
-ml_collections); this module refuses bad values with one line naming the field.
+ml_collections, a renamed one with its new name); this module refuses bad values with one line
+naming the field. The allowed values of each choice come from the module that implements it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
+from collections.abc import Mapping
 from types import ModuleType
+from typing import Any
 
 import ml_collections
 
+from idfuse_jax import build, diffusion, losses, optim
 from idfuse_jax.errors import ConfigError
+from idfuse_jax.models import conditioning
+from idfuse_jax.prepare.inpaint import INPAINTERS
+from idfuse_jax.prepare.masks import MASK_SOURCES
 
-DTYPES = ("float32", "bfloat16")
 CHOICES = {
-    "model.dtype": DTYPES,
-    "method.background": ("implicit", "explicit"),
-    "loss.text_pool": ("mean", "eos"),
-    "optim.schedule": ("constant", "cosine"),
-    "sample.sampler": ("dpm++", "ddim"),
-    "data.masks": ("auto", "given", "grabcut", "onnx"),
-    "data.inpaint": ("telea", "sd"),
+    "model.dtype": tuple(build.DTYPES),
+    "method.background": conditioning.BACKGROUND_MODES,
+    "loss.text_pool": losses.TEXT_POOLS,
+    "optim.schedule": optim.SCHEDULES,
+    "sample.sampler": tuple(diffusion.SAMPLERS),
+    "data.masks": MASK_SOURCES,
+    "data.inpaint": INPAINTERS,
 }
+# Keys of older versions: old name -> new name (None: removed). Refused in --config overrides
+# with the new name; renamed when an old run's config.json is read.
+RENAMED = {
+    "loss.lambda_denoise": "loss.weights.denoise",
+    "loss.lambda_text_background": "loss.weights.text_image",
+    "loss.lambda_background_agree": "loss.weights.image_background",
+    "loss.lambda_subject_background": "loss.weights.text_background",
+    "train.inject_nan_at_step": None,
+}
+# Fields added since the first release, with the value that reproduces older runs.
+ADDED: dict[str, Any] = {}
 POSITIVE = (
     "data.resolution",
     "data.synthetic_images",
@@ -40,10 +59,10 @@ POSITIVE = (
 )
 NON_NEGATIVE = (
     "loss.text_only_weight",
-    "loss.lambda_denoise",
-    "loss.lambda_text_background",
-    "loss.lambda_background_agree",
-    "loss.lambda_subject_background",
+    "loss.weights.denoise",
+    "loss.weights.text_image",
+    "loss.weights.image_background",
+    "loss.weights.text_background",
     "optim.learning_rate",
     "optim.weight_decay",
     "optim.grad_clip",
@@ -112,3 +131,59 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.data.masks='onnx' needs config.data.onnx_model (a .onnx file)")
     if not config.sample.prompts:
         raise ConfigError("config.sample.prompts is empty: give at least one validation prompt")
+
+
+def renamed_key_message(key: str) -> str | None:
+    """For an old key ('loss.lambda_denoise'), the one-line error that names its successor."""
+    if key not in RENAMED:
+        return None
+    new = RENAMED[key]
+    if new is None:
+        return f"config.{key} was removed"
+    return f"config.{key} was renamed: use config.{new}"
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict written by any version of this library, in today's key names."""
+    flat = _flatten(saved)
+    for old, new in RENAMED.items():
+        if old in flat:
+            value = flat.pop(old)
+            if new is not None:
+                flat.setdefault(new, value)
+    for key, value in ADDED.items():
+        flat.setdefault(key, value)
+    return _unflatten(flat)
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The resolved config a training run wrote to WORKDIR/config.json, in today's key names."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; --workdir must be a training workdir")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return ml_collections.ConfigDict(upgrade(saved))

@@ -437,3 +437,10 @@ def dpm_solver_pp_sample(
     steps = (jnp.asarray(ts, jnp.int32), jnp.asarray(ts_next, jnp.int32))
     (x, _), _ = jax.lax.scan(body, (x_T, dpm_solver_pp_init(x_T)), steps)
     return x
+
+
+# config.sample.sampler -> the sampler: f(denoise_fn, schedule, x_T, num_steps) -> x_0.
+SAMPLERS: dict[str, Callable[[DenoiseFn, Schedule, jax.Array, int], jax.Array]] = {
+    "dpm++": dpm_solver_pp_sample,
+    "ddim": ddim_sample,
+}

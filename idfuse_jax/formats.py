@@ -18,8 +18,7 @@ import numpy as np
 from absl import logging
 
 from idfuse_jax.errors import WeightsError
-
-PathLike = str | pathlib.Path
+from idfuse_jax.types import PathLike
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,

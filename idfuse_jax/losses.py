@@ -1,10 +1,17 @@
 """The IdFuse training losses L1-L4 (DESIGN.md §1), pure functions of arrays.
 
-- L1 = mse(pred(f_r), target) + text_only_weight * mse(pred(FFM(f_s)), target); the target is ε or
-  v, whichever the scheduler predicts (see `idfuse_jax.diffusion`).
-- L2 = mean_i cos(pool(f_s), f_i): the implicit background feature must not look like the text.
-- L3 = -mean_i cos(f_i, f'_i): the implicit background feature must agree with the explicit one.
-- L4 = mean_i cos(pool(f_s), f'_i): the subject text must not look like the background.
+Each term has one name, used alike for its function, its weight in `config.loss.weights` and
+its metric key:
+
+- `denoise` (L1) = mse(pred(f_r), target) + text_only_weight * mse(pred(FFM(f_s)), target); the
+  target is ε or v, whichever the scheduler predicts (see `idfuse_jax.diffusion`). Its two parts
+  are logged as `denoise_full` and `denoise_text_only`.
+- `text_image` (L2) = mean_i cos(pool(f_s), f_i): the implicit background feature must not look
+  like the subject text.
+- `image_background` (L3) = -mean_i cos(f_i, f'_i): the implicit background feature must agree
+  with the explicit one.
+- `text_background` (L4) = mean_i cos(pool(f_s), f'_i): the subject text must not look like the
+  background.
 
 Widths: f_s is [B, T, D] and f_i is already [B, D] (the adapter ends in the text width). f'_i is
 a CLIP image embedding [B, D_img]; when D_img != D the caller brings it to D with the adapter's
@@ -15,21 +22,27 @@ projection is the identity and L3, L4 compare the raw f'_i, exactly as the equat
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from idfuse_jax.errors import ConfigError
 
 TEXT_POOLS = ("mean", "eos")
-DEFAULT_LAMBDAS = (1.0, 0.001, 0.001, 0.001)
+# L1..L4 in the paper's order, and their default weights λ1..λ4 (DisenBooth's).
+TERMS = ("denoise", "text_image", "image_background", "text_background")
+DEFAULT_WEIGHTS = {
+    "denoise": 1.0,
+    "text_image": 0.001,
+    "image_background": 0.001,
+    "text_background": 0.001,
+}
 # DisenBooth's nn.CosineSimilarity(dim=1, eps=1e-6).
 COS_EPS = 1e-6
 
-_log = logging.getLogger(__name__)
-_warned_constant_l4 = False
+_warned_constant_text_background = False
 
 
 def cosine(a: jax.Array, b: jax.Array, eps: float = COS_EPS) -> jax.Array:
@@ -96,20 +109,23 @@ def text_background_loss(pooled_text: jax.Array, background_features: jax.Array)
     return jnp.mean(cosine(pooled_text, background_features))
 
 
-def denoising_loss(
+def denoise_loss(
     pred: jax.Array, pred_text_only: jax.Array, target: jax.Array, text_only_weight: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L1 = mse(pred, target) + text_only_weight * mse(pred_text_only, target), with both parts."""
     full = mse(pred, target)
     text_only = mse(pred_text_only, target)
-    return full + text_only_weight * text_only, {"l1_full": full, "l1_text_only": text_only}
+    return full + text_only_weight * text_only, {
+        "denoise_full": full,
+        "denoise_text_only": text_only,
+    }
 
 
-def _warn_constant_l4() -> None:
-    global _warned_constant_l4
-    if not _warned_constant_l4:
-        _warned_constant_l4 = True
-        _log.warning(
+def _warn_constant_text_background() -> None:
+    global _warned_constant_text_background
+    if not _warned_constant_text_background:
+        _warned_constant_text_background = True
+        logging.warning(
             "L4 is constant: the text encoder has no trainable part (no text-encoder LoRA), and "
             "L4 has a gradient only through the text features; it is reported but trains nothing"
         )
@@ -123,40 +139,40 @@ def idfuse_loss(
     image_features: jax.Array,
     background_features: jax.Array,
     *,
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    weights: Mapping[str, float] = DEFAULT_WEIGHTS,
     text_only_weight: float = 0.01,
     text_pool: str = "mean",
     eos_index: jax.Array | None = None,
     text_trainable: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = λ1 L1 + λ2 L2 + λ3 L3 + λ4 L4, and every term for logging.
+    """L = Σ_k weights[k] · L_k over `TERMS`, and every term for logging.
 
     Args:
       pred, pred_text_only: UNet outputs conditioned on f_r and on FFM(f_s).
       target: ε or v, as the scheduler's prediction type says.
       text_features: f_s [B, T, D]; image_features: f_i [B, D]; background_features: f'_i in the
         text width [B, D] (see the module docstring).
-      lambdas: (λ1, λ2, λ3, λ4).
+      weights: a weight for each name in `TERMS` (λ1..λ4), e.g. `config.loss.weights`.
       text_trainable: whether f_s depends on trained parameters; if not, L4 is constant and a
         warning says so once.
 
     Returns:
-      (total, terms) with terms "loss", "l1", "l1_full", "l1_text_only", "l2", "l3", "l4".
+      (total, terms): terms holds "loss", every name of `TERMS`, "denoise_full" and
+      "denoise_text_only".
     """
-    lambdas = tuple(float(x) for x in lambdas)
-    if len(lambdas) != 4:
-        raise ConfigError(f"loss lambdas must be 4 numbers (λ1..λ4), got {lambdas!r}")
+    if set(weights) != set(TERMS):
+        raise ConfigError(f"loss weights must name exactly {list(TERMS)}, got {sorted(weights)}")
     if not text_trainable:
-        _warn_constant_l4()
+        _warn_constant_text_background()
     pooled = pool_text(text_features, text_pool, eos_index)
-    l1, l1_parts = denoising_loss(pred, pred_text_only, target, text_only_weight)
+    denoise, denoise_parts = denoise_loss(pred, pred_text_only, target, text_only_weight)
     terms = {
-        "l1": l1,
-        **l1_parts,
-        "l2": text_image_loss(pooled, image_features),
-        "l3": image_background_loss(image_features, background_features),
-        "l4": text_background_loss(pooled, background_features),
+        "denoise": denoise,
+        **denoise_parts,
+        "text_image": text_image_loss(pooled, image_features),
+        "image_background": image_background_loss(image_features, background_features),
+        "text_background": text_background_loss(pooled, background_features),
     }
-    total = sum(w * terms[k] for w, k in zip(lambdas, ("l1", "l2", "l3", "l4")))
+    total = sum(float(weights[k]) * terms[k] for k in TERMS)
     terms["loss"] = total
     return total, terms

@@ -9,18 +9,15 @@ trained LoRA, adapter and FFM); writes one row of `--num_images` images per prom
 (FFM(E_T(prompt) + A(E_I(reference)))).
 """
 
-import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from idfuse_jax import cli, metrics, pipeline
+from idfuse_jax import build, cli, config_lib, export, method, metrics, subject
 from idfuse_jax.data import images as images_lib
-from idfuse_jax.errors import ConfigError
 
 flags.DEFINE_string(
     "workdir", None, "A training workdir (config.json, idfuse_weights.safetensors)."
@@ -35,13 +32,6 @@ flags.DEFINE_string("out", None, "Output PNG (default WORKDIR/samples/sample.png
 flags.mark_flags_as_required(["workdir", "prompt"])
 
 
-def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; --workdir must be a training workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def sample_images(
     workdir: str | pathlib.Path,
     prompts: list[str],
@@ -54,27 +44,27 @@ def sample_images(
 ) -> np.ndarray:
     """uint8 images [len(prompts) * num_images, R, R, 3], prompt-major."""
     workdir = pathlib.Path(workdir)
-    config = load_run_config(workdir)
+    config = config_lib.load_run_config(workdir)
     if num_steps is not None:
         config.sample.num_steps = num_steps
     if guidance_scale is not None:
         config.sample.guidance_scale = guidance_scale
-    models, frozen = pipeline.build_models(config)
-    template = pipeline.init_trainable(jax.random.key(0), models, config, frozen)
-    trainable = pipeline.import_trainable(workdir / "idfuse_weights.safetensors", template)
+    models, frozen = build.build_models(config)
+    template = method.init_trainable(jax.random.key(0), models, config, frozen)
+    trainable = export.import_trainable(workdir / "idfuse_weights.safetensors", template)
     d = config.data
-    texts = pipeline.format_prompts(config, prompts)
+    texts = method.format_prompts(config, prompts)
     ids = jnp.asarray(models.tokenizer([t for t in texts for _ in range(num_images)]))
     null_ids = jnp.asarray(models.tokenizer([""]))
     reference_embeds = None
     if reference is not None:
         photo = images_lib.resize_crop(images_lib.read_image(reference), d.resolution)
         size = models.image_encoder.config.image_size
-        pixels = pipeline.clip_pixels(photo[None], size)
+        pixels = subject.clip_pixels(photo[None], size)
         reference_embeds = models.image_encoder.apply({"params": frozen["image"]}, pixels)
         reference_embeds = reference_embeds.image_embeds
     fn = jax.jit(
-        lambda f, t, key, ref: pipeline.generate(models, config, f, t, ids, null_ids, key, ref)
+        lambda f, t, key, ref: method.generate(models, config, f, t, ids, null_ids, key, ref)
     )
     images = fn(frozen, trainable, jax.random.key(seed), reference_embeds)
     return metrics.to_uint8(jax.device_get(images))

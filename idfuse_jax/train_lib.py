@@ -25,10 +25,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from idfuse_jax import checkpoint, config_lib, metrics, pipeline, sharding
+from idfuse_jax import build, checkpoint, config_lib, export, method, metrics, optim, sharding
+from idfuse_jax import subject as subject_lib
 from idfuse_jax.errors import NonFiniteError
-
-Params = Any
+from idfuse_jax.types import Params
 
 
 @flax.struct.dataclass
@@ -42,33 +42,7 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------------------------
-# Optimiser and state
-
-
-def learning_rate_schedule(optim: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
-    if optim.schedule == "constant":
-        decay = optax.constant_schedule(optim.learning_rate)
-    else:
-        decay = optax.cosine_decay_schedule(optim.learning_rate, max(steps - optim.warmup_steps, 1))
-    if optim.warmup_steps == 0:
-        return decay
-    warmup = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
-    return optax.join_schedules([warmup, decay], [optim.warmup_steps])
-
-
-def make_optimizer(
-    optim: ml_collections.ConfigDict, schedule: optax.Schedule
-) -> optax.GradientTransformation:
-    adamw = optax.adamw(
-        schedule,
-        b1=optim.b1,
-        b2=optim.b2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-    )
-    if optim.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
-    return adamw
+# State
 
 
 def init_train_state(trainable: Params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -96,11 +70,11 @@ def example_keys(key: jax.Array, step: jax.Array, batch_size: int) -> jax.Array:
 def train_step(
     state: TrainState,
     frozen: Params,
-    subject: pipeline.SubjectFeatures,
+    subject: method.SubjectFeatures,
     indices: jax.Array,
     key: jax.Array,
     *,
-    models: pipeline.Models,
+    models: build.Models,
     config: ml_collections.ConfigDict,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
@@ -108,16 +82,11 @@ def train_step(
     """One optimiser step on a batch of (augmented) subject images given by `indices`."""
     keys = example_keys(key, state.step, indices.shape[0])
 
-    def loss_fn(trainable):
-        total, terms = pipeline.training_loss(
-            models, config, frozen, trainable, subject, indices, keys
-        )
-        # Testing aid: step k is the k-th update, taken from state.step == k - 1.
-        total = jnp.where(state.step + 1 == config.train.inject_nan_at_step, jnp.nan, total)
-        return total, terms
-
+    loss_fn = lambda trainable: method.training_loss(
+        models, config, frozen, trainable, subject, indices, keys
+    )
     (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     healthy = state.healthy & jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -160,6 +129,39 @@ def index_iterator(
     # A stream of small ints: no prefetch threads needed.
     read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     return iter(dataset.to_iter_dataset(read))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation samples
+
+
+def make_sampler(
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    frozen: dict[str, Params],
+    trainable: dict[str, Params],
+    out_sharding: jax.sharding.Sharding | None = None,
+):
+    """A function (frozen, trainable) -> uint8 grid of one image per validation prompt.
+
+    Compiled ahead of time for arguments laid out like `frozen` and `trainable`, so that a
+    sampler that cannot compile or fit fails before training starts, not hundreds of steps in.
+    """
+    prompts = method.format_prompts(config, config.sample.prompts)
+    prompt_ids = jnp.asarray(models.tokenizer(prompts))
+    null_ids = jnp.asarray(models.tokenizer([""]))
+    key = jax.random.key(config.sample.seed)
+    fn = jax.jit(
+        lambda f, t: method.generate(models, config, f, t, prompt_ids, null_ids, key),
+        out_shardings=out_sharding,
+    )
+    compiled = fn.lower(frozen, trainable).compile()
+
+    def sample(frozen: dict[str, Params], trainable: dict[str, Params]) -> np.ndarray:
+        images = metrics.to_uint8(jax.device_get(compiled(frozen, trainable)))
+        return metrics.image_grid(images, columns=len(prompts))
+
+    return sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,18 +317,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # Frozen weights go straight from host memory to their fsdp shards.
-    models, frozen = pipeline.build_models(config)
+    models, frozen = build.build_models(config)
     replicated = sharding.replicated(mesh)
     frozen = sharding.put(frozen, sharding.fsdp_shardings(frozen, mesh))
-    subject = pipeline.prepare_subject_features(config, models, frozen, workdir)
+    subject = subject_lib.prepare_subject_features(config, models, frozen, workdir)
     logging.info("subject: %d training images (with flips)", subject.num_items)
     del frozen["image"]  # the image encoder's work is done: free its memory
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
     init_key, step_key = jax.random.split(jax.random.key(config.seed))
-    schedule = learning_rate_schedule(config.optim, config.train.steps)
-    optimizer = make_optimizer(config.optim, schedule)
-    trainable = pipeline.init_trainable(init_key, models, config, frozen)
+    schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, schedule)
+    trainable = method.init_trainable(init_key, models, config, frozen)
     state = jax.device_put(init_train_state(trainable, optimizer), replicated)
     subject = jax.device_put(subject, replicated)
     step_key = jax.device_put(step_key, replicated)
@@ -363,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     compiled, compile_seconds, flops = _compile(
         step_fn, (state, frozen, subject, example_indices, step_key)
     )
-    sampler = pipeline.make_sampler(models, config, frozen, state.params, replicated)
+    sampler = make_sampler(models, config, frozen, state.params, replicated)
     writer = metrics.MetricsWriter(workdir, resume_step=start_step)
     writer.write(
         start_step, {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops}
@@ -417,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             )
             return
         if is_main:
-            for exported in pipeline.export_run(state.params, workdir, config):
+            for exported in export.export_run(state.params, workdir, config):
                 size = exported.stat().st_size
                 print(
                     f"Exported trainable weights: {exported} ({size / 2**20:.2f} MiB)", flush=True

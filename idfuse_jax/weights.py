@@ -34,12 +34,12 @@ from idfuse_jax.formats import (
     DIFFUSERS_WEIGHTS,
     TRANSFORMERS_WEIGHTS,
     LazyArray,
-    PathLike,
     StoredTensor,
     component_dir,
     read_config,
     read_safetensors,
 )
+from idfuse_jax.types import PathLike
 
 
 def torch_key_to_path(key: str) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """Config files, config validation, and the mesh/sharding rules (no compilation)."""
 
+import json
 import pathlib
 import re
 
@@ -60,11 +61,34 @@ def test_pretrained_needs_image_encoder():
         config_lib.validate(config)
 
 
-def test_config_is_locked_against_unknown_keys():
-    config = load("tiny")
-    config.lock()
-    with pytest.raises(AttributeError):
-        config.train.bogus = 1
+def test_config_json_of_an_older_version_reads_in_todays_names(tmp_path):
+    """sample/evaluate read a run's config.json; runs of the first release wrote the loss
+    weights as loss.lambda_* and a train.inject_nan_at_step field."""
+    saved = json.loads(load("tiny").to_json())
+    weights = saved["loss"].pop("weights")
+    saved["loss"].update(
+        lambda_denoise=weights["denoise"],
+        lambda_text_background=0.25,  # the first release's name for L2
+        lambda_background_agree=weights["image_background"],
+        lambda_subject_background=0.5,  # and for L4
+    )
+    saved["train"]["inject_nan_at_step"] = -1
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = config_lib.load_run_config(tmp_path)
+    assert config.loss.weights.text_image == 0.25
+    assert config.loss.weights.text_background == 0.5
+    assert "lambda_denoise" not in config.loss and "inject_nan_at_step" not in config.train
+    config_lib.validate(config)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.json: not found"):
+        config_lib.load_run_config(tmp_path / "nowhere")
+
+
+def test_choices_come_from_the_modules_that_implement_them():
+    from idfuse_jax import diffusion, losses
+
+    assert config_lib.CHOICES["sample.sampler"] == tuple(diffusion.SAMPLERS)
+    assert config_lib.CHOICES["loss.text_pool"] == losses.TEXT_POOLS
+    assert set(load("default").loss.weights) == set(losses.TERMS)
 
 
 @pytest.mark.parametrize(

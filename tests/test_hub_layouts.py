@@ -398,7 +398,7 @@ def test_diffusers_pipeline_with_exported_files_predicts_our_noise(hub, tmp_path
     import diffusers
     import torch
 
-    from idfuse_jax import pipeline
+    from idfuse_jax import build, export, method
     from idfuse_jax.config_lib import sibling_module
     from idfuse_jax.models import conditioning
 
@@ -407,14 +407,14 @@ def test_diffusers_pipeline_with_exported_files_predicts_our_noise(hub, tmp_path
     config = sibling_module(str(tiny), "tiny").get_config()
     config.model.pretrained, config.model.image_encoder = str(sd), str(clip_dir)
     config.method.lora_alpha = 8.0  # scale 2: diffusers must read alpha from the file
-    models, frozen = pipeline.pretrained_models(config)
-    trainable = pipeline.init_trainable(jax.random.key(0), models, config, frozen)
+    models, frozen = build.pretrained_models(config)
+    trainable = method.init_trainable(jax.random.key(0), models, config, frozen)
     leaves, treedef = jax.tree.flatten(trainable)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     trainable = jax.tree.unflatten(
         treedef, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
     )
-    paths = pipeline.export_run(trainable, tmp_path, config)
+    paths = export.export_run(trainable, tmp_path, config)
     assert [p.name for p in paths] == ["idfuse_weights.safetensors", "idfuse_lora.safetensors"]
 
     prompts = ["a photo of sks dog in the snow", ""]
@@ -422,7 +422,7 @@ def test_diffusers_pipeline_with_exported_files_predicts_our_noise(hub, tmp_path
     latents = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)  # NHWC
     timesteps = np.array([500, 500])
     reference = rng.standard_normal((1, 16)).astype(np.float32)
-    unet_params, text_params = pipeline.merged_params(frozen, trainable, config)
+    unet_params, text_params = method.merged_params(frozen, trainable, config)
     ids = jax.numpy.asarray(models.tokenizer(prompts))
     text = models.text_encoder.apply({"params": text_params}, ids).last_hidden_state
     cond, _ = conditioning.text_conditioning(models.idfuse, trainable["idfuse"], text)

@@ -113,7 +113,7 @@ def test_full_forward_gives_finite_losses(setup):
     assert np.isfinite(float(total))
     for name, value in terms.items():
         assert np.isfinite(float(value)), name
-    assert float(terms["l1_full"]) > 0 and float(terms["l1_text_only"]) > 0
+    assert float(terms["denoise_full"]) > 0 and float(terms["denoise_text_only"]) > 0
 
 
 def test_step_zero_is_the_pretrained_model(setup):

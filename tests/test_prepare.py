@@ -22,7 +22,6 @@ from idfuse_jax.prepare import (
     Telea,
     dilate,
     dilation_pixels,
-    main,
     prepare_subject,
 )
 
@@ -262,7 +261,13 @@ def test_onnx_errors(synthetic_dir, tmp_path):
 # Command line
 
 
-def test_cli_prepares_a_dreambench_folder(tmp_path, capsys):
+def main(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m idfuse_jax.prepare ARGS`, as a user runs it."""
+    command = [sys.executable, "-m", "idfuse_jax.prepare", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prepares_a_dreambench_folder(tmp_path):
     bench = tmp_path / "bench"
     lines = ["Classes", "", "subject_name,class", "toy_a,toy", "toy_b,toy", "", "Prompts", ""]
     lines += ["Object Prompts", "", "prompt_list = [", "'a {0} {1}'.format(u, c)", "]", ""]
@@ -272,37 +277,33 @@ def test_cli_prepares_a_dreambench_folder(tmp_path, capsys):
     write_synthetic_subject(bench / "toy_a", 2, 32, seed=0)
     write_synthetic_subject(bench / "toy_b", 3, 32, seed=1)
     out = tmp_path / "prepared"
-    assert main([str(bench), "--out", str(out), "--subjects", "toy_b"]) == 0
+    assert main([str(bench), "--out", str(out), "--subjects", "toy_b"]).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == ["toy_b"]
-    assert main([str(bench), "--out", str(out)]) == 0
-    assert "prepared 2 image(s), 3 already up to date" in capsys.readouterr().out
+    second = main([str(bench), "--out", str(out)])
+    assert second.returncode == 0, second.stderr
+    assert "prepared 2 image(s), 3 already up to date" in second.stdout
     for subject, n in (("toy_a", 2), ("toy_b", 3)):
         assert len(list((out / subject / "masks").glob("*.png"))) == n
         assert len(list((out / subject / "backgrounds").glob("*.png"))) == n
         assert (out / subject / PREVIEW).is_file()
 
 
-def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: {tmp_path / 'missing'}: subject folder not found\n"
+def test_cli_bad_input_is_one_line(tmp_path):
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "o")
+    for args, message in (
+        ([missing, "--out", out], f"{missing}: subject folder not found"),
+        ([missing], "flag --out=None: Flag --out must have a value other than None."),
+        ([missing, "--out", out, "--masks=magic"], "flag --masks=magic: value should be one of"),
+    ):
+        proc = main(args)
+        assert proc.returncode == 1
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: {message}"), proc.stderr
 
 
 def test_cli_module_exit_status(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "idfuse_jax.prepare",
-            str(tmp_path / "empty"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'empty'}: no images (JPEG, PNG or WebP)"
@@ -366,7 +367,7 @@ def test_sd_inpainting_matches_diffusers(sd_inpaint_folder, monkeypatch):
     from diffusers.models.autoencoders import vae as torch_vae
     from parity_utils import nhwc_to_nchw, rel_err
 
-    from idfuse_jax.data.sd_inpaint import SDInpainter
+    from idfuse_jax.prepare.sd_inpaint import SDInpainter
 
     folder, pipe = sd_inpaint_folder
     inpainter = SDInpainter(folder, steps=3, size=SD_SIDE, seed=5)
@@ -393,7 +394,7 @@ def test_sd_inpainting_matches_diffusers(sd_inpaint_folder, monkeypatch):
 
 @pytest.mark.slow
 def test_sd_inpainting_in_prepare(sd_inpaint_folder, synthetic_dir, tmp_path):
-    from idfuse_jax.data.sd_inpaint import SDInpainter
+    from idfuse_jax.prepare.sd_inpaint import SDInpainter
 
     folder, _ = sd_inpaint_folder
     subject, (images, masks, _) = synthetic_dir

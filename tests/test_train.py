@@ -7,7 +7,6 @@ compilation cache, so repeated shapes compile once.
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import time
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from idfuse_jax import losses
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -28,12 +29,9 @@ SHORT = (
 )
 TERMS = (
     "loss",
-    "l1",
-    "l1_full",
-    "l1_text_only",
-    "l2",
-    "l3",
-    "l4",
+    *losses.TERMS,
+    "denoise_full",
+    "denoise_text_only",
     "grad_norm",
     "learning_rate",
     "router_entropy",
@@ -134,6 +132,17 @@ def test_tiny_run_leaves_everything(tiny_run):
     assert config["train"]["steps"] == 60
 
 
+# configs/tiny.py's first losses as the first release computed them (1 CPU device): a change that
+# alters the numbers of the default run (init, data order, noise, the loss) shows here.
+TINY_FIRST_LOSSES = (1.4629779, 1.3751864, 1.4022045, 1.3447117, 1.3380153)
+
+
+def test_tiny_run_reproduces_the_recorded_losses(tiny_run):
+    workdir, _ = tiny_run
+    losses = [r["loss"] for r in metrics(workdir)][: len(TINY_FIRST_LOSSES)]
+    np.testing.assert_allclose(losses, TINY_FIRST_LOSSES, rtol=1e-5)
+
+
 def test_tiny_run_loss_goes_down(tiny_run):
     workdir, _ = tiny_run
     losses = np.array([r["loss"] for r in metrics(workdir)])
@@ -181,7 +190,7 @@ def three_steps_sharded(tmp_path_factory):
 def test_sharded_mesh_matches_one_device(three_steps_sharded, tmp_path):
     ok(train(tmp_path, *SHORT, "--config.mesh.data=1", "--config.mesh.fsdp=1", devices=1))
     sharded, single = metrics(three_steps_sharded), metrics(tmp_path)
-    for term in ("loss", "l1", "l2", "l3", "l4", "grad_norm"):
+    for term in ("loss", *losses.TERMS):
         np.testing.assert_allclose(
             [r[term] for r in sharded],
             [r[term] for r in single],
@@ -193,20 +202,6 @@ def test_sharded_mesh_matches_one_device(three_steps_sharded, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
-
-
-def test_resume_equals_straight_run(three_steps_sharded, tmp_path_factory):
-    straight = tmp_path_factory.mktemp("straight")
-    six = ("--config.train.steps=6", "--config.mesh.data=2", "--config.mesh.fsdp=4")
-    ok(train(straight, *SHORT, *six))
-    resumed_dir = tmp_path_factory.mktemp("resumed") / "run"
-    shutil.copytree(three_steps_sharded, resumed_dir)  # the fixture stays a 3-step run
-    resumed = ok(train(resumed_dir, *SHORT, *six))
-    assert "Resuming from step 3" in resumed.stdout
-    a, b = exported(straight), exported(resumed_dir)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(resumed_dir)]
 
 
 def test_batch_size_one_trains_on_one_device(tmp_path):
@@ -243,6 +238,7 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "Received SIGTERM" in stdout
+    # The exact step is checked in test_train_loop.py; here: a real signal from outside.
     (step,) = checkpoint_steps(tmp_path)
     assert step >= 2
     # Rows an interrupted run logged after its checkpoint are dropped on resume, not repeated.
@@ -255,19 +251,19 @@ def test_sigterm_saves_and_rerun_continues(tmp_path):
     assert steps == list(range(1, step + 3)), steps
 
 
-def test_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+def test_diverging_run_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    # A learning rate of 1e30 genuinely diverges: step 1 is finite, step 2 is not.
     result = train(
         tmp_path,
         *SHORT,
         "--config.train.steps=6",
-        "--config.train.checkpoint_every=2",
-        "--config.train.inject_nan_at_step=5",
+        "--config.optim.learning_rate=1e30",
     )
     assert result.returncode == 1
     line = last_error_line(result)
-    assert "non-finite loss or gradient at step 5" in line
-    assert "l1=" in line and "l4=" in line
-    assert checkpoint_steps(tmp_path) == [2, 4]
+    assert "non-finite loss or gradient at step 2" in line
+    assert "denoise=nan" in line and "text_background=" in line
+    assert checkpoint_steps(tmp_path) == [1]
     assert not (tmp_path / "idfuse_weights.safetensors").exists()
 
 
@@ -275,6 +271,10 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     ("overrides", "message"),
     [
         (("--config.train.bogus=1",), "unknown config key 'bogus'"),
+        (
+            ("--config.loss.lambda_denoise=1",),
+            "config.loss.lambda_denoise was renamed: use config.loss.weights.denoise",
+        ),
         (("--config.data.instance_dir=/nonexistent/photos",), "/nonexistent/photos"),
         (
             ("--config.model.pretrained=/nonexistent/sd", "--config.model.image_encoder=/tmp"),

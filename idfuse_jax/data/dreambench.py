@@ -39,8 +39,7 @@ from idfuse_jax.data.images import (
     read_mask,
 )
 from idfuse_jax.errors import DataError
-
-PathLike = str | pathlib.Path
+from idfuse_jax.types import PathLike
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = frozenset({"dog", "cat"})

@@ -12,21 +12,18 @@ same size as their photo. `to_model` turns images into the model side's float32 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 
 import numpy as np
+from absl import logging
 from PIL import Image, ImageOps
 
 from idfuse_jax.errors import DataError
-
-PathLike = str | pathlib.Path
+from idfuse_jax.types import PathLike
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASKS_DIR = "masks"
 BACKGROUNDS_DIR = "backgrounds"
-
-log = logging.getLogger(__name__)
 
 
 def list_images(folder: PathLike) -> list[pathlib.Path]:
@@ -41,7 +38,7 @@ def list_images(folder: PathLike) -> list[pathlib.Path]:
         if path.is_dir():
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            log.warning("%s: not a JPEG, PNG or WebP image; skipped", path)
+            logging.warning("%s: not a JPEG, PNG or WebP image; skipped", path)
             continue
         if path.stem in stems:
             raise DataError(f"{path}: has the same stem as {stems[path.stem].name}")

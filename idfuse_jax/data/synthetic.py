@@ -16,8 +16,7 @@ from PIL import Image
 
 from idfuse_jax.data.images import BACKGROUNDS_DIR, MASKS_DIR
 from idfuse_jax.errors import DataError
-
-PathLike = str | pathlib.Path
+from idfuse_jax.types import PathLike
 
 # Object parts in the object's own frame (unit = object radius), painted in this order.
 _BODY, _HEAD, _STRIPE, _EYE = (

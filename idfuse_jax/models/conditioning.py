@@ -13,7 +13,6 @@ below are pure in (module, params, arrays) and meant to be called inside the jit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -23,9 +22,9 @@ import jax.numpy as jnp
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.models.adapter import ImageAdapter
 from idfuse_jax.models.ffm import FFM
+from idfuse_jax.types import Params
 
 BACKGROUND_MODES = ("implicit", "explicit")
-Params = Mapping[str, Any]
 
 
 class IdFuse(nn.Module):

@@ -15,7 +15,7 @@ a non-differentiated argument, so gradients exist only for A and B.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from idfuse_jax.errors import ConfigError
+from idfuse_jax.types import Params
 
-Params = Mapping[str, Any]
 _SEP = "/"
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from idfuse_jax import diffusion, weights
 from idfuse_jax.errors import DataError
+from idfuse_jax.prepare.masks import dilate, dilation_pixels
 
 PathLike = str | pathlib.Path
 
@@ -34,12 +35,6 @@ def _folder_fingerprint(folder: pathlib.Path) -> str:
             st = p.stat()
             h.update(f"{p.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def _hole(mask: np.ndarray, fraction: float) -> np.ndarray:
-    from idfuse_jax.prepare import dilate, dilation_pixels  # prepare imports this lazily
-
-    return dilate(mask, dilation_pixels(mask.shape, fraction))
 
 
 class SDInpainter:
@@ -141,7 +136,7 @@ class SDInpainter:
         return tuple(max(g, round(side * scale / g) * g) for side in (h, w))
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        hole = _hole(mask, self.dilate)
+        hole = dilate(mask, dilation_pixels(mask.shape, self.dilate))
         if not hole.any():
             return image.copy()
         h, w = image.shape[:2]

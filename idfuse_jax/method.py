@@ -1,0 +1,194 @@
+"""The method as pure functions of (modules, config, parameter trees, arrays): the trainable
+parameters and their LoRA merge, the training loss L = Σ_k w_k L_k, and sampling.
+
+No I/O here: the per-subject arrays come from `idfuse_jax.subject`, the modules from
+`idfuse_jax.build`. Everything is traceable under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from idfuse_jax import diffusion, losses
+from idfuse_jax.build import Models
+from idfuse_jax.models import clip, conditioning, lora
+from idfuse_jax.types import Params
+
+
+@flax.struct.dataclass
+class SubjectFeatures:
+    """Per-subject fixed work, computed once before the loop (index i: augmented image i)."""
+
+    latent_mean: jax.Array  # [M, h, w, c] VAE moments of each (flipped) image
+    latent_logvar: jax.Array  # [M, h, w, c]
+    image_embeds: jax.Array  # [M, D_img] f_i^(p) = E_I(x_i)
+    background_embeds: jax.Array  # [M, D_img] f'_i = E_I(x'_i)
+    prompt_ids: jax.Array  # [1, T] token ids of the identity prompt P
+    num_items: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def _patterns(pattern: str) -> list[str]:
+    return [pattern] if pattern else []
+
+
+def init_trainable(
+    key: jax.Array, models: Models, config: ml_collections.ConfigDict, frozen: dict[str, Params]
+) -> dict[str, Params]:
+    """{"unet_lora", "text_lora", "idfuse"}: the only parameters that train."""
+    m = config.method
+    k_unet, k_text, k_idfuse = jax.random.split(key, 3)
+    unet_lora = (
+        lora.lora_init(k_unet, frozen["unet"], _patterns(m.unet_lora_targets), m.lora_rank)
+        if m.unet_lora_targets
+        else {}
+    )
+    text_lora = (
+        lora.lora_init(k_text, frozen["text"], _patterns(m.text_lora_targets), m.lora_rank)
+        if m.text_lora_targets
+        else {}
+    )
+    text_width = models.idfuse.text_width
+    dummy_text = jnp.zeros((1, 1, text_width), jnp.float32)
+    dummy_image = jnp.zeros((1, models.idfuse.image_width), jnp.float32)
+    idfuse = jax.jit(models.idfuse.init)(k_idfuse, dummy_text, dummy_image)["params"]
+    return {"unet_lora": unet_lora, "text_lora": text_lora, "idfuse": idfuse}
+
+
+def merged_params(
+    frozen: dict[str, Params], trainable: dict[str, Params], config: ml_collections.ConfigDict
+) -> tuple[Params, Params]:
+    """(UNet params, text-encoder params) with their LoRA merged in."""
+    m = config.method
+    merge = lambda base, factors: (
+        lora.lora_merge(base, factors, m.lora_alpha, m.lora_rank) if factors else base
+    )
+    return merge(frozen["unet"], trainable["unet_lora"]), merge(
+        frozen["text"], trainable["text_lora"]
+    )
+
+
+def training_loss(
+    models: Models,
+    config: ml_collections.ConfigDict,
+    frozen: dict[str, Params],
+    trainable: dict[str, Params],
+    subject: SubjectFeatures,
+    indices: jax.Array,
+    keys: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """L = Σ_k w_k L_k (`losses.idfuse_loss`) for a batch of subject images; every term for logging.
+
+    `keys` holds one PRNG key per example (see train_lib.example_keys).
+    """
+    unet_params, text_params = merged_params(frozen, trainable, config)
+    batch = indices.shape[0]
+    # The identity prompt is the same for every example: encode it, and run its text-only FFM
+    # pass, once (batch 1); broadcast only where per-example arrays meet.
+    f_s = models.text_encoder.apply({"params": text_params}, subject.prompt_ids).last_hidden_state
+    f_s = f_s.astype(jnp.float32)
+    cond = conditioning.training_conditioning(
+        models.idfuse,
+        trainable["idfuse"],
+        f_s,
+        subject.image_embeds[indices],
+        subject.background_embeds[indices],
+        background=config.method.background,
+    )
+
+    mean, logvar = subject.latent_mean[indices], subject.latent_logvar[indices]
+    split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+    sample_normal = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))
+    latents = models.vae.config.to_latents(
+        mean + jnp.exp(0.5 * logvar) * sample_normal(split[:, 0])
+    )
+    noise = sample_normal(split[:, 1])
+    num_t = models.schedule.num_train_timesteps
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_t))(split[:, 2])
+    noisy = diffusion.add_noise(models.schedule, latents, noise, t)
+    target = diffusion.training_target(models.schedule, latents, noise, t)
+
+    # Both UNet passes (full and text-only conditioning) as one batched call.
+    pred = models.unet.apply(
+        {"params": unet_params},
+        jnp.concatenate([noisy, noisy]),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([cond.full, jnp.broadcast_to(cond.text_only, cond.full.shape)]),
+    )
+    pred_full, pred_text_only = jnp.split(pred, 2)
+    eos = clip.eos_positions(subject.prompt_ids, models.text_encoder.config.eos_token_id)
+    total, terms = losses.idfuse_loss(
+        pred_full,
+        pred_text_only,
+        target,
+        jnp.broadcast_to(f_s, (batch, *f_s.shape[1:])),
+        cond.image,
+        cond.background,
+        weights=config.loss.weights,
+        text_only_weight=config.loss.text_only_weight,
+        text_pool=config.loss.text_pool,
+        eos_index=jnp.broadcast_to(eos, (batch,)),
+        text_trainable=bool(trainable["text_lora"]),
+    )
+    terms = dict(terms)
+    terms["router_entropy"] = cond.stats["router_entropy"]
+    terms["router_weight"] = cond.stats["router_weight"]
+    return total, terms
+
+
+def format_prompts(config: ml_collections.ConfigDict, templates: Sequence[str]) -> list[str]:
+    """Prompt templates with the run's {token} and {class_name} filled in."""
+    d = config.data
+    return [p.format(token=d.token, class_name=d.class_name) for p in templates]
+
+
+def generate(
+    models: Models,
+    config: ml_collections.ConfigDict,
+    frozen: dict[str, Params],
+    trainable: dict[str, Params],
+    prompt_ids: jax.Array,
+    null_ids: jax.Array,
+    key: jax.Array,
+    reference_embeds: jax.Array | None = None,
+) -> jax.Array:
+    """Images [P, R, R, 3] in [-1, 1] for token ids [P, T], conditioned on FFM(E_T(prompt)) with
+    classifier-free guidance against FFM(E_T("")).
+
+    With `reference_embeds` ([1, D_img], E_I of a reference photo) the conditioning is
+    FFM(E_T(prompt) + A(E_I(reference))): the background-preserving variant.
+    """
+    unet_params, text_params = merged_params(frozen, trainable, config)
+    encode = lambda ids: models.text_encoder.apply({"params": text_params}, ids).last_hidden_state
+    n = prompt_ids.shape[0]
+    if reference_embeds is None:
+        cond, _ = conditioning.text_conditioning(
+            models.idfuse, trainable["idfuse"], encode(prompt_ids)
+        )
+    else:
+        cond, _ = conditioning.reference_conditioning(
+            models.idfuse,
+            trainable["idfuse"],
+            encode(prompt_ids),
+            reference_embeds,
+        )
+    uncond, _ = conditioning.text_conditioning(models.idfuse, trainable["idfuse"], encode(null_ids))
+    context = jnp.concatenate([cond, jnp.broadcast_to(uncond, cond.shape)])
+    guidance = config.sample.guidance_scale
+
+    def denoise(x, t):
+        out = models.unet.apply({"params": unet_params}, jnp.concatenate([x, x]), t, context)
+        c, u = jnp.split(out.astype(jnp.float32), 2)
+        return u + guidance * (c - u)
+
+    side = config.data.resolution // models.latent_downsample
+    x_t = jax.random.normal(key, (n, side, side, models.unet.config.in_channels), jnp.float32)
+    sampler = diffusion.SAMPLERS[config.sample.sampler]
+    latents = sampler(denoise, models.schedule, x_t, config.sample.num_steps)
+    z = models.vae.config.from_latents(latents)
+    images = models.vae.apply({"params": frozen["vae"]}, z.astype(jnp.float32), method="decode")
+    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)

@@ -1,0 +1,95 @@
+"""Per-subject fixed work, done once before the loop: the only part of the method with I/O.
+
+The subject's photos are prepared (masks, inpainted backgrounds; cached under the workdir) and
+encoded: VAE latent moments and CLIP image and background features of every (flipped) image, and
+the identity prompt's token ids.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from idfuse_jax.build import Models
+from idfuse_jax.data import images as images_lib
+from idfuse_jax.data import synthetic
+from idfuse_jax.method import SubjectFeatures, format_prompts
+from idfuse_jax.models import clip
+from idfuse_jax.types import Params
+
+
+def subject_images(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images, backgrounds), uint8 [N, R, R, 3] at the training resolution.
+
+    The synthetic subject brings exact backgrounds; a photo folder is prepared (masks and
+    inpainted backgrounds) once, cached under workdir/prepared, never written into the input.
+    """
+    d = config.data
+    if d.instance_dir == "synthetic":
+        images, _, backgrounds = synthetic.synthetic_subject(
+            d.synthetic_images, d.resolution, config.seed
+        )
+        return images, backgrounds
+    from idfuse_jax import prepare  # OpenCV and friends only when a photo folder is used
+
+    prepared = workdir / "prepared"
+    if jax.process_index() == 0:
+        prepare.prepare_subject(
+            d.instance_dir,
+            prepared,
+            masks=d.masks,
+            onnx_model=d.onnx_model or None,
+            inpaint=d.inpaint,
+            inpaint_model=d.inpaint_model or None,
+            min_size=d.min_size,
+        )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("prepared subject")
+    subject = images_lib.load_subject(
+        d.instance_dir, d.resolution, min_size=d.min_size, prepared_dir=prepared
+    )
+    return subject.images, subject.backgrounds
+
+
+def clip_pixels(images: np.ndarray, image_size: int) -> np.ndarray:
+    return np.stack(
+        [clip.preprocess_image(x, resize_to=image_size, crop_to=image_size) for x in images]
+    )
+
+
+def prepare_subject_features(
+    config: ml_collections.ConfigDict,
+    models: Models,
+    frozen: dict[str, Params],
+    workdir: pathlib.Path,
+) -> SubjectFeatures:
+    """VAE moments, CLIP image and background features of every (flipped) image, and P's ids."""
+    images, backgrounds = subject_images(config, workdir)
+    if config.data.random_flip:
+        images = np.concatenate([images, images[:, :, ::-1]])
+        backgrounds = np.concatenate([backgrounds, backgrounds[:, :, ::-1]])
+
+    encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
+    embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
+    # One image at a time: a single compiled shape, and memory bounded at 512 px.
+    moments = [encode(frozen["vae"], images_lib.to_model(x[None])) for x in images]
+    size = models.image_encoder.config.image_size
+    image_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in images]
+    background_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in backgrounds]
+    (prompt,) = format_prompts(config, [config.data.prompt])
+    return SubjectFeatures(
+        latent_mean=jnp.concatenate([m[0] for m in moments]).astype(jnp.float32),
+        latent_logvar=jnp.concatenate([m[1] for m in moments]).astype(jnp.float32),
+        image_embeds=jnp.concatenate(image_embeds).astype(jnp.float32),
+        background_embeds=jnp.concatenate(background_embeds).astype(jnp.float32),
+        prompt_ids=jnp.asarray(models.tokenizer([prompt])),
+        num_items=len(images),
+    )
