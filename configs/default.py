@@ -27,7 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     # "fp16" loads diffusion_pytorch_model.fp16.safetensors and model.fp16.safetensors (the
     # values are cast to float32 on load). "" loads the plain files.
     c.model.variant = ""
-    c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32); params float32
+    c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32)
+    # Storage dtype of the frozen UNet and CLIP weights: "" keeps float32; "bfloat16" halves
+    # their memory (the compute casts them to model.dtype anyway; LoRA merges in float32).
+    c.model.weights_dtype = ""
     c.model.remat = False  # rematerialise UNet blocks: less memory, ~30% more compute
     # Sizes of the random models used when model.pretrained is empty.
     c.model.random = ml_collections.ConfigDict(

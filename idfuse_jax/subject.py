@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from idfuse_jax import resources
 from idfuse_jax.build import Models
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.data import synthetic
@@ -72,7 +73,19 @@ def prepare_subject_features(
     workdir: pathlib.Path,
 ) -> SubjectFeatures:
     """VAE moments, CLIP image and background features of every (flipped) image, and P's ids."""
-    images, backgrounds = subject_images(config, workdir)
+    with resources.phase("prepare"):  # masks and backgrounds (cached under the workdir)
+        images, backgrounds = subject_images(config, workdir)
+    with resources.phase("features"):
+        return _features(config, models, frozen, images, backgrounds)
+
+
+def _features(
+    config: ml_collections.ConfigDict,
+    models: Models,
+    frozen: dict[str, Params],
+    images: np.ndarray,
+    backgrounds: np.ndarray,
+) -> SubjectFeatures:
     if config.data.random_flip:
         images = np.concatenate([images, images[:, :, ::-1]])
         backgrounds = np.concatenate([backgrounds, backgrounds[:, :, ::-1]])
@@ -85,7 +98,7 @@ def prepare_subject_features(
     image_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in images]
     background_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in backgrounds]
     (prompt,) = format_prompts(config, [config.data.prompt])
-    return SubjectFeatures(
+    features = SubjectFeatures(
         latent_mean=jnp.concatenate([m[0] for m in moments]).astype(jnp.float32),
         latent_logvar=jnp.concatenate([m[1] for m in moments]).astype(jnp.float32),
         image_embeds=jnp.concatenate(image_embeds).astype(jnp.float32),
@@ -93,3 +106,4 @@ def prepare_subject_features(
         prompt_ids=jnp.asarray(models.tokenizer([prompt])),
         num_items=len(images),
     )
+    return jax.block_until_ready(features)

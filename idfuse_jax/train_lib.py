@@ -25,7 +25,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from idfuse_jax import build, checkpoint, config_lib, export, method, metrics, optim, sharding
+from idfuse_jax import (
+    build,
+    checkpoint,
+    config_lib,
+    export,
+    method,
+    metrics,
+    optim,
+    resources,
+    sharding,
+)
 from idfuse_jax import subject as subject_lib
 from idfuse_jax.errors import NonFiniteError
 from idfuse_jax.types import Params
@@ -316,10 +326,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    # Frozen weights go straight from host memory to their fsdp shards.
-    models, frozen = build.build_models(config)
+    # Frozen weights stream from disk to their fsdp shards, one tensor at a time.
+    with resources.phase("load"):
+        models, frozen = build.build_models(config, lazy=True)
+        frozen = sharding.put(frozen, sharding.fsdp_shardings(frozen, mesh))
+        jax.block_until_ready(frozen)
     replicated = sharding.replicated(mesh)
-    frozen = sharding.put(frozen, sharding.fsdp_shardings(frozen, mesh))
     subject = subject_lib.prepare_subject_features(config, models, frozen, workdir)
     logging.info("subject: %d training images (with flips)", subject.num_items)
     del frozen["image"]  # the image encoder's work is done: free its memory
@@ -362,10 +374,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         print(f"Resuming from step {start_step} ({mngr.directory})", flush=True)
 
     example_indices = sharding.global_batch(np.zeros((config.train.batch_size,), np.int32), mesh)
-    compiled, compile_seconds, flops = _compile(
-        step_fn, (state, frozen, subject, example_indices, step_key)
-    )
-    sampler = make_sampler(models, config, frozen, state.params, replicated)
+    with resources.phase("compile"):
+        compiled, compile_seconds, flops = _compile(
+            step_fn, (state, frozen, subject, example_indices, step_key)
+        )
+        sampler = make_sampler(models, config, frozen, state.params, replicated)
     writer = metrics.MetricsWriter(workdir, resume_step=start_step)
     writer.write(
         start_step, {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops}
@@ -388,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     stop = _StopFlag()
     step = start_step
     try:
-        with _stop_on_signals(stop):
+        with _stop_on_signals(stop), resources.phase(f"steps {start_step}-{config.train.steps}"):
             while step < config.train.steps and not _should_stop(stop):
                 indices = sharding.global_batch(np.asarray(next(data_iter), np.int32), mesh)
                 state, out = compiled(state, frozen, subject, indices, step_key)

@@ -340,18 +340,22 @@ def test_missing_variant_is_one_line_naming_the_file(hub):
 
 
 def test_whole_repo_download_trains_through_the_cli(hub, tmp_path):
-    """configs/tiny.py on the downloaded folders: the path every real run takes."""
+    """configs/tiny.py on the downloaded folders: the path every real run takes, here with the
+    frozen weights streamed to 2 devices and stored in bfloat16; start-up phases are logged."""
     from test_train import SHORT, metrics, ok, train
 
     sd, clip_dir, _ = hub
-    ok(train(tmp_path, *SHORT, f"--config.model.pretrained={sd}",
-             f"--config.model.image_encoder={clip_dir}", "--config.train.batch_size=2",
-             "--config.train.steps=2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
-             devices=2))  # fmt: skip
+    result = ok(train(tmp_path, *SHORT, f"--config.model.pretrained={sd}",
+                      f"--config.model.image_encoder={clip_dir}", "--config.train.batch_size=2",
+                      "--config.train.steps=2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
+                      "--config.model.weights_dtype=bfloat16", devices=2))  # fmt: skip
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert (tmp_path / "idfuse_weights.safetensors").is_file()
+    assert (tmp_path / "idfuse_lora.safetensors").is_file()
+    for name in ("load", "prepare", "features", "compile", "steps 0-2"):
+        assert f"phase {name}: " in result.stderr, name
 
 
 @pytest.mark.parametrize("param_dtype", [np.float32, jax.numpy.bfloat16], ids=["f32", "bf16"])
