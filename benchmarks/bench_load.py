@@ -130,7 +130,9 @@ def main(argv: list[str]) -> None:
     eager = "--eager" if f.eager else "--noeager"
     command = [sys.executable, __file__, f"--folder={root}", "--measure",
                f"--weights_dtype={f.weights_dtype}", eager]  # fmt: skip
-    subprocess.run(command, check=True, env={"JAX_PLATFORMS": "cpu", **os.environ})
+    # The measuring process imports idfuse_jax from this checkout.
+    env = {"JAX_PLATFORMS": "cpu", **os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(command, check=True, env=env)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.image_encoder = ""
     # Weight-file variant of the pipeline's unet/ vae/ text_encoder/, as diffusers' `variant`:
     # "fp16" loads diffusion_pytorch_model.fp16.safetensors and model.fp16.safetensors (the
-    # values are cast to float32 on load). "" loads the plain files.
+    # values are cast to model.weights_dtype on load). "" loads the plain files.
     c.model.variant = ""
     c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32)
     # Storage dtype of the frozen UNet and CLIP weights: "" keeps float32; "bfloat16" halves
