@@ -59,8 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.random_flip = True  # horizontal flips, precomputed once per subject
     c.data.synthetic_images = 4  # images of the synthetic subject
     # Explicit decoupling (prepared once per subject, cached under the workdir):
-    c.data.masks = "auto"  # auto (masks/ if present, else grabcut) | given | grabcut | onnx
+    # auto: masks/ where present, else onnx if onnx_model is set, else dino if dino_model is
+    # set, else grabcut (seeded from the border) | given | grabcut | dino | onnx
+    c.data.masks = "auto"
     c.data.onnx_model = ""  # segmentation .onnx file for masks="onnx"
+    c.data.dino_model = ""  # DINO ViT folder (transformers ViTModel) for masks="dino"
     c.data.inpaint = "telea"  # telea (OpenCV) | sd (SD inpainting model, in_channels 9)
     c.data.inpaint_model = ""  # diffusers SD inpainting pipeline folder for inpaint="sd"
 

@@ -130,6 +130,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.data.inpaint='sd' needs config.data.inpaint_model (a folder)")
     if config.data.masks == "onnx" and not config.data.onnx_model:
         raise ConfigError("config.data.masks='onnx' needs config.data.onnx_model (a .onnx file)")
+    if config.data.masks == "dino" and not config.data.dino_model:
+        raise ConfigError(
+            "config.data.masks='dino' needs config.data.dino_model (a DINO ViT folder)"
+        )
     if not config.sample.prompts:
         raise ConfigError("config.sample.prompts is empty: give at least one validation prompt")
 

@@ -13,6 +13,9 @@ its metric key:
 - `text_background` (L4) = mean_i cos(pool(f_s), f'_i): the subject text must not look like the
   background.
 
+L3 and L4 take optional per-example weights (`decouple`): a photo whose mask failed has no usable
+background x'_i, so it counts with weight 0 in their means (not as a zero background).
+
 Widths: f_s is [B, T, D] and f_i is already [B, D] (the adapter ends in the text width). f'_i is
 a CLIP image embedding [B, D_img]; when D_img != D the caller brings it to D with the adapter's
 own final projection, shared so that no new parameters appear, and applied without gradient so
@@ -97,16 +100,35 @@ def text_image_loss(pooled_text: jax.Array, image_features: jax.Array) -> jax.Ar
     return jnp.mean(cosine(pooled_text, image_features))
 
 
-def image_background_loss(image_features: jax.Array, background_features: jax.Array) -> jax.Array:
-    """L3 = -mean_i cos(f_i, f'_i)."""
+def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """mean(values), or Σ w·v / max(Σ w, tiny) with per-example `weights` [B]: 0 when every
+    weight is 0 (no example in the batch has a usable background)."""
+    if weights is None:
+        return jnp.mean(values)
+    if weights.shape != values.shape:
+        raise ConfigError(
+            f"per-example weights {tuple(weights.shape)} must be [B] for {tuple(values.shape)}"
+        )
+    weights = weights.astype(jnp.float32)
+    tiny = jnp.finfo(jnp.float32).tiny
+    return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), tiny)
+
+
+def image_background_loss(
+    image_features: jax.Array, background_features: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """L3 = -mean_i cos(f_i, f'_i), over the examples with weight 1 when `weights` is given
+    (`weighted_mean`: photos whose mask failed have no usable background f'_i)."""
     _check_pair("L3", image_features, background_features)
-    return -jnp.mean(cosine(image_features, background_features))
+    return -weighted_mean(cosine(image_features, background_features), weights)
 
 
-def text_background_loss(pooled_text: jax.Array, background_features: jax.Array) -> jax.Array:
-    """L4 = mean_i cos(pool(f_s), f'_i)."""
+def text_background_loss(
+    pooled_text: jax.Array, background_features: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """L4 = mean_i cos(pool(f_s), f'_i), weighted like L3."""
     _check_pair("L4", pooled_text, background_features)
-    return jnp.mean(cosine(pooled_text, background_features))
+    return weighted_mean(cosine(pooled_text, background_features), weights)
 
 
 def denoise_loss(
@@ -144,6 +166,7 @@ def idfuse_loss(
     text_pool: str = "mean",
     eos_index: jax.Array | None = None,
     text_trainable: bool = True,
+    decouple: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = Σ_k weights[k] · L_k over `TERMS`, and every term for logging.
 
@@ -155,6 +178,8 @@ def idfuse_loss(
       weights: a weight for each name in `TERMS` (λ1..λ4), e.g. `config.loss.weights`.
       text_trainable: whether f_s depends on trained parameters; if not, L4 is constant and a
         warning says so once.
+      decouple: optional per-example weights [B] of L3 and L4: 1 where f'_i is a usable
+        background, 0 where the photo trains without explicit decoupling (its mask failed).
 
     Returns:
       (total, terms): terms holds "loss", every name of `TERMS`, "denoise_full" and
@@ -170,8 +195,8 @@ def idfuse_loss(
         "denoise": denoise,
         **denoise_parts,
         "text_image": text_image_loss(pooled, image_features),
-        "image_background": image_background_loss(image_features, background_features),
-        "text_background": text_background_loss(pooled, background_features),
+        "image_background": image_background_loss(image_features, background_features, decouple),
+        "text_background": text_background_loss(pooled, background_features, decouple),
     }
     total = sum(float(weights[k]) * terms[k] for k in TERMS)
     terms["loss"] = total

@@ -30,6 +30,9 @@ class SubjectFeatures:
     background_embeds: jax.Array  # [M, D_img] f'_i = E_I(x'_i)
     prompt_ids: jax.Array  # [1, T] token ids of the identity prompt P
     num_items: int = flax.struct.field(pytree_node=False, default=0)
+    # [M] float32: 1 where x'_i is a usable background (L3, L4 count it), 0 where the photo's
+    # mask failed and it trains without explicit decoupling; None: every image has one.
+    decouple: jax.Array | None = None
 
 
 def _patterns(pattern: str) -> list[str]:
@@ -91,6 +94,7 @@ def training_loss(
     # pass, once (batch 1); broadcast only where per-example arrays meet.
     f_s = models.text_encoder.apply({"params": text_params}, subject.prompt_ids).last_hidden_state
     f_s = f_s.astype(jnp.float32)
+    decouple = None if subject.decouple is None else subject.decouple[indices]
     cond = conditioning.training_conditioning(
         models.idfuse,
         trainable["idfuse"],
@@ -98,6 +102,7 @@ def training_loss(
         subject.image_embeds[indices],
         subject.background_embeds[indices],
         background=config.method.background,
+        decouple=decouple,
     )
 
     mean, logvar = subject.latent_mean[indices], subject.latent_logvar[indices]
@@ -133,6 +138,7 @@ def training_loss(
         text_pool=config.loss.text_pool,
         eos_index=jnp.broadcast_to(eos, (batch,)),
         text_trainable=bool(trainable["text_lora"]),
+        decouple=decouple,
     )
     terms = dict(terms)
     terms["router_entropy"] = cond.stats["router_entropy"]
@@ -158,6 +164,9 @@ def generate(
 ) -> jax.Array:
     """Images [P, R, R, 3] in [-1, 1] for token ids [P, T], conditioned on FFM(E_T(prompt)) with
     classifier-free guidance against FFM(E_T("")).
+
+    `key`: one typed PRNG key (`jax.random.key`) for the whole batch, or a batch [P] of them,
+    one per image (its initial noise then does not depend on the batch it is generated in).
 
     With `reference_embeds` ([1, D_img], E_I of a reference photo) the conditioning is
     FFM(E_T(prompt) + A(E_I(reference))): the background-preserving variant.
@@ -186,7 +195,11 @@ def generate(
         return u + guidance * (c - u)
 
     side = config.data.resolution // models.latent_downsample
-    x_t = jax.random.normal(key, (n, side, side, models.unet.config.in_channels), jnp.float32)
+    shape = (side, side, models.unet.config.in_channels)
+    if key.shape:  # one key per image: each image's noise is independent of the batch
+        x_t = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(key)
+    else:
+        x_t = jax.random.normal(key, (n, *shape), jnp.float32)
     sampler = diffusion.SAMPLERS[config.sample.sampler]
     latents = sampler(denoise, models.schedule, x_t, config.sample.num_steps)
     z = models.vae.config.from_latents(latents)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from idfuse_jax import resources
 from idfuse_jax.build import Models
@@ -25,18 +26,21 @@ from idfuse_jax.types import Params
 
 def subject_images(
     config: ml_collections.ConfigDict, workdir: pathlib.Path
-) -> tuple[np.ndarray, np.ndarray]:
-    """(images, backgrounds), uint8 [N, R, R, 3] at the training resolution.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, backgrounds, decouple): uint8 [N, R, R, 3] at the training resolution, and
+    float32 [N], 1 where the background is usable for L3 and L4, 0 where it is not.
 
     The synthetic subject brings exact backgrounds; a photo folder is prepared (masks and
     inpainted backgrounds) once, cached under workdir/prepared, never written into the input.
+    A photo whose mask failed (`prepare`'s collapse detection) trains without explicit
+    decoupling, and the log says so in one line per photo.
     """
     d = config.data
     if d.instance_dir == "synthetic":
         images, _, backgrounds = synthetic.synthetic_subject(
             d.synthetic_images, d.resolution, config.seed
         )
-        return images, backgrounds
+        return images, backgrounds, np.ones(len(images), np.float32)
     from idfuse_jax import prepare  # OpenCV and friends only when a photo folder is used
 
     prepared = workdir / "prepared"
@@ -46,6 +50,7 @@ def subject_images(
             prepared,
             masks=d.masks,
             onnx_model=d.onnx_model or None,
+            dino_model=d.dino_model or None,
             inpaint=d.inpaint,
             inpaint_model=d.inpaint_model or None,
             min_size=d.min_size,
@@ -57,7 +62,17 @@ def subject_images(
     subject = images_lib.load_subject(
         d.instance_dir, d.resolution, min_size=d.min_size, prepared_dir=prepared
     )
-    return subject.images, subject.backgrounds
+    decouple = prepare.explicit_decoupling(prepared, subject.names)
+    reasons = prepare.rejection_reasons(prepared)
+    for name, weight in zip(subject.names, decouple):
+        if not weight:
+            logging.warning(
+                "photo %s trains without explicit decoupling (L3, L4 off): %s; see %s",
+                name,
+                reasons[name],
+                prepared / prepare.PREVIEW,
+            )
+    return subject.images, subject.backgrounds, decouple
 
 
 def clip_pixels(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -72,11 +87,12 @@ def prepare_subject_features(
     frozen: dict[str, Params],
     workdir: pathlib.Path,
 ) -> SubjectFeatures:
-    """VAE moments, CLIP image and background features of every (flipped) image, and P's ids."""
+    """VAE moments, CLIP image and background features of every (flipped) image, which of them
+    have explicit decoupling, and P's ids."""
     with resources.phase("prepare"):  # masks and backgrounds (cached under the workdir)
-        images, backgrounds = subject_images(config, workdir)
+        images, backgrounds, decouple = subject_images(config, workdir)
     with resources.phase("features"):
-        return _features(config, models, frozen, images, backgrounds)
+        return _features(config, models, frozen, images, backgrounds, decouple)
 
 
 def _features(
@@ -85,10 +101,12 @@ def _features(
     frozen: dict[str, Params],
     images: np.ndarray,
     backgrounds: np.ndarray,
+    decouple: np.ndarray,
 ) -> SubjectFeatures:
     if config.data.random_flip:
         images = np.concatenate([images, images[:, :, ::-1]])
         backgrounds = np.concatenate([backgrounds, backgrounds[:, :, ::-1]])
+        decouple = np.concatenate([decouple, decouple])
 
     encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
     embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
@@ -105,5 +123,6 @@ def _features(
         background_embeds=jnp.concatenate(background_embeds).astype(jnp.float32),
         prompt_ids=jnp.asarray(models.tokenizer([prompt])),
         num_items=len(images),
+        decouple=jnp.asarray(decouple, jnp.float32),
     )
     return jax.block_until_ready(features)

@@ -333,7 +333,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         jax.block_until_ready(frozen)
     replicated = sharding.replicated(mesh)
     subject = subject_lib.prepare_subject_features(config, models, frozen, workdir)
-    logging.info("subject: %d training images (with flips)", subject.num_items)
+    explicit_images = int(np.sum(subject.decouple))
+    logging.info(
+        "subject: %d training images (with flips), %d with explicit decoupling",
+        subject.num_items,
+        explicit_images,
+    )
     del frozen["image"]  # the image encoder's work is done: free its memory
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
@@ -381,7 +386,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         sampler = make_sampler(models, config, frozen, state.params, replicated)
     writer = metrics.MetricsWriter(workdir, resume_step=start_step)
     writer.write(
-        start_step, {"compile_seconds": compile_seconds, "flops_per_step_per_device": flops}
+        start_step,
+        {
+            "compile_seconds": compile_seconds,
+            "flops_per_step_per_device": flops,
+            "explicit_images": explicit_images,  # training images (with flips) with L3, L4
+        },
     )
     progress = _progress_bar(is_main, start_step, config.train.steps)
     peak = metrics.peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)

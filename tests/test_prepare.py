@@ -3,7 +3,6 @@
 import hashlib
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -178,8 +177,10 @@ def test_output_inside_input_is_refused(synthetic_dir):
 
 def test_bad_choices(synthetic_dir, tmp_path):
     folder, _ = synthetic_dir
-    with pytest.raises(DataError, match="masks must be one of auto, given, grabcut, onnx"):
+    with pytest.raises(DataError, match="masks must be one of auto, given, grabcut, dino, onnx"):
         prepare_subject(folder, tmp_path / "o", masks="magic")
+    with pytest.raises(DataError, match=r"masks='dino' needs the folder of a DINO ViT"):
+        prepare_subject(folder, tmp_path / "o", masks="dino")
     with pytest.raises(DataError, match="masks='onnx' needs"):
         prepare_subject(folder, tmp_path / "o", masks="onnx")
     with pytest.raises(DataError, match="inpaint='sd' needs"):
@@ -318,47 +319,12 @@ SD_SIDE = 16  # photo side given to the model (VAE x2, UNet x4 -> granularity 8)
 
 @pytest.fixture(scope="module")
 def sd_inpaint_folder(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
-    from test_tokenizer import write_tokenizer
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from parity_utils import tiny_sd_inpainting
 
-    root = tmp_path_factory.mktemp("sdinpaint")
-    tok_dir = write_tokenizer(root / "tok", pad_token="<|endoftext|>")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=9, out_channels=4, block_out_channels=(16, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1, attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
-    )  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-        sample_size=SD_SIDE,
-    )  # fmt: skip
-    text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-            vocab_size=len(tokenizer), max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )  # fmt: skip
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.save_pretrained(str(root / "pipe"), safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):  # real pipelines ship them; transformers 5 may not
-        if not (root / "pipe" / "tokenizer" / name).exists():
-            shutil.copy(tok_dir / name, root / "pipe" / "tokenizer" / name)
-    return root / "pipe", pipe
+    return tiny_sd_inpainting(tmp_path_factory.mktemp("sdinpaint"), SD_SIDE)
 
 
 @pytest.mark.slow

@@ -298,10 +298,15 @@ def test_empty_instance_folder_is_one_line_error(tmp_path):
 
 
 def test_photo_folder_is_prepared_once_under_workdir(tmp_path, dreambooth_dir):
-    photos = dreambooth_dir / "dog"
+    photos = dreambooth_dir / "cat"  # cat/00: the cat at the border, its mask collapses
     before = sorted((p.name, p.stat().st_mtime_ns) for p in photos.rglob("*"))
     one_step = (*SHORT, f"--config.data.instance_dir={photos}", "--config.data.min_size=0")
-    ok(train(tmp_path, *one_step, "--config.train.steps=1"))
+    first = ok(train(tmp_path, *one_step, "--config.train.steps=1"))
+    # The photo without a usable background is named in the log, and counted out in metrics.
+    lines = [line for line in first.stderr.splitlines() if "without explicit decoupling" in line]
+    assert len(lines) == 1 and "photo 00 trains without explicit decoupling" in lines[0], lines
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["explicit_images"] for r in rows if "explicit_images" in r] == [8]  # 4 x 2 flips
     prepared = tmp_path / "prepared"
     stems = sorted(p.stem for p in photos.glob("*.jpg"))
     assert sorted(p.stem for p in (prepared / "masks").glob("*.png")) == stems

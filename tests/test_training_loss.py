@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from idfuse_jax import build, method
-from idfuse_jax.models import lora
+from idfuse_jax.models import conditioning, lora
 from idfuse_jax.train_lib import example_keys
 
 CONFIG_FILE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
@@ -136,3 +136,51 @@ def test_router_statistics_are_reported(case):
     assert weights.shape == (config.method.num_experts,)
     assert weights.sum() == pytest.approx(1.0, rel=1e-5)
     assert 0 < float(terms["router_entropy"]) <= np.log(config.method.num_experts) + 1e-6
+
+
+def test_photos_without_a_background_leave_l3_and_l4(case):
+    """A decouple weight of 0 takes an example out of the means of L3 and L4 (not as a zero
+    background) and changes nothing else; with no background in the batch, both are 0."""
+    config, models, frozen, trainable, subject, ex_keys, _, terms = case
+    loss = jax.jit(
+        lambda subj: method.training_loss(
+            models, config, frozen, trainable, subj, jnp.asarray(INDICES), ex_keys
+        )[1]
+    )
+    # The batch is images [2, 0]; image 2 has no usable background.
+    masked = loss(subject.replace(decouple=jnp.array([1.0, 1.0, 0.0])))
+    idfuse = lambda fn, x: np.asarray(
+        models.idfuse.apply({"params": trainable["idfuse"]}, x[None], method=fn)
+    )[0]
+    text_params = lora.lora_merge(
+        frozen["text"], trainable["text_lora"], config.method.lora_alpha, config.method.lora_rank
+    )
+    f_s = models.text_encoder.apply({"params": text_params}, subject.prompt_ids).last_hidden_state
+    pooled = np.asarray(f_s[0]).mean(0)
+    f_i, f_bg = (
+        idfuse("adapt", subject.image_embeds[0]),
+        idfuse("project", subject.background_embeds[0]),
+    )
+    assert float(masked["image_background"]) == pytest.approx(-_cos(f_i, f_bg), rel=2e-5)
+    assert float(masked["text_background"]) == pytest.approx(_cos(pooled, f_bg), rel=2e-5)
+    for name in ("denoise", "text_image"):
+        assert float(masked[name]) == pytest.approx(float(terms[name]), rel=1e-6), name
+    none = loss(subject.replace(decouple=jnp.zeros(3)))
+    assert float(none["image_background"]) == 0 and float(none["text_background"]) == 0
+
+
+def test_explicit_conditioning_falls_back_to_implicit_without_a_background(case):
+    """method.background="explicit" conditions on f_s + f'_i, except for a photo without a
+    usable background: f_s + f_i, as the implicit method does."""
+    _, models, _, trainable, subject, *_ = case
+    params = trainable["idfuse"]
+    f_s = jax.random.normal(jax.random.key(3), (2, 4, models.idfuse.text_width))
+    args = (models.idfuse, params, f_s, subject.image_embeds[:2], subject.background_embeds[:2])
+    mixed = conditioning.training_conditioning(
+        *args, background="explicit", decouple=jnp.array([1.0, 0.0])
+    )
+    explicit = conditioning.training_conditioning(*args, background="explicit")
+    implicit = conditioning.training_conditioning(*args, background="implicit")
+    np.testing.assert_array_equal(mixed.full[0], explicit.full[0])
+    np.testing.assert_array_equal(mixed.full[1], implicit.full[1])
+    assert not np.allclose(explicit.full[1], implicit.full[1])

@@ -115,3 +115,17 @@ def test_vit_refusals(vit_folder, tmp_path):
     module = vit.ViTModel(vit.ViTConfig(**TINY))
     with pytest.raises(WeightsError, match=r"\[batch, 16, 16, 3\], got shape \(1, 32"):
         jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_cls_attention_matches_transformers(vit_folder):
+    """DINO's saliency map: the last layer's CLS attention to the patches, mean over heads."""
+    _, folder = vit_folder
+    reference = transformers.ViTModel.from_pretrained(str(folder), attn_implementation="eager")
+    module, params = weights.load_vit(folder)
+    pixels = np.random.default_rng(3).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    ours = vit.cls_attention(module, params, jnp.asarray(pixels))
+    with torch.no_grad():
+        out = reference(pixel_values=torch.from_numpy(nhwc_to_nchw(pixels)), output_attentions=True)
+    ref = out.attentions[-1][:, :, 0, 1:].mean(dim=1).numpy().reshape(2, 4, 4)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert ours.std() > 1e-3  # not a uniform map: the comparison sees the weights

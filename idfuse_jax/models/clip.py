@@ -29,13 +29,7 @@ import numpy as np
 from idfuse_jax.errors import WeightsError
 from idfuse_jax.formats import TRANSFORMERS_GENERIC_KEYS, check_config_keys, require_value
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
-
-# OpenAI CLIP's image normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# ImageNet's, used by DINO ViTs.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from idfuse_jax.models.image_stats import CLIP_MEAN, CLIP_STD
 
 
 def _quick_gelu(x: jax.Array) -> jax.Array:
@@ -490,7 +484,7 @@ def preprocess_image(
     centre crop `crop_to` x `crop_to`; scale to [0, 1]; (x - mean) / std per channel.
     Input: uint8 in 0..255 (then the resized image is rounded to uint8 levels, as PIL does in
     transformers' processor) or float in [0, 1]. Defaults are CLIP's (224, OpenAI mean/std); for
-    DINO ViT pass ImageNet's mean/std (IMAGENET_MEAN / IMAGENET_STD).
+    DINO ViT pass ImageNet's mean/std (`models.image_stats`).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:

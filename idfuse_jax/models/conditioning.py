@@ -125,6 +125,7 @@ def training_conditioning(
     background_embeds: jax.Array,
     *,
     background: str = "implicit",
+    decouple: jax.Array | None = None,
 ) -> TrainConditioning:
     """The full and text-only conditionings plus the features the losses compare.
 
@@ -134,6 +135,8 @@ def training_conditioning(
       background_embeds: CLIP image embeddings of the inpainted backgrounds x'_i [B, D_img].
       background: "implicit" (f_com = f_s + f_i) or "explicit" (f_com = f_s + f'_i, with f'_i
         passed through the adapter's trainable projection when D_img != D).
+      decouple: optional [B], 0 for a photo without a usable background (its mask failed):
+        with background="explicit" that photo is conditioned on f_s + f_i instead.
     """
     if background not in BACKGROUND_MODES:
         raise ConfigError(
@@ -146,7 +149,11 @@ def training_conditioning(
         )
     f_i = _apply(model, params, "adapt", image_embeds)
     f_bg = projected_background(model, params, background_embeds)
-    added = f_i if background == "implicit" else _apply(model, params, "project", background_embeds)
+    added = f_i
+    if background == "explicit":
+        added = _apply(model, params, "project", background_embeds)
+        if decouple is not None:
+            added = jnp.where(decouple[:, None] > 0, added, f_i)
     full, stats = _apply(model, params, "fuse", combine(text_features, added))
     text_only, text_stats = _apply(model, params, "fuse", text_features)
     return TrainConditioning(full, text_only, f_i, f_bg, stats, text_stats)

@@ -109,7 +109,16 @@ class ViTSelfAttention(nn.Module):
             )
             for name in ("query", "key", "value")
         )
+        if self.is_mutable_collection("intermediates"):  # asked for by `cls_attention`
+            self.sow("intermediates", "cls_attention", _cls_attention_row(q, k))
         return merge_heads(dot_product_attention(q, k, v))
+
+
+def _cls_attention_row(q: jax.Array, k: jax.Array) -> jax.Array:
+    """softmax(q_cls k^T / sqrt(d)) averaged over heads, float32: [B, 1 + patches]."""
+    q, k = q[:, 0].astype(jnp.float32), k.astype(jnp.float32)
+    logits = jnp.einsum("bnh,btnh->bnt", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
 
 
 class ViTAttention(nn.Module):
@@ -225,3 +234,18 @@ class ViTModel(nn.Module):
         x = ViTEncoder(c, self.dtype, self.remat, name="encoder")(x)
         x = layer_norm(x, c.layer_norm_eps, "layernorm", self.dtype)
         return ViTOutput(last_hidden_state=x, cls=x[:, 0])
+
+
+def cls_attention(module: ViTModel, params: Mapping[str, Any], pixels: jax.Array) -> jax.Array:
+    """The last layer's attention from the CLS token to each patch, averaged over heads:
+    [B, grid, grid] (DINO's saliency map; the CLS token's attention to itself is left out).
+
+    Equals transformers' `ViTModel(..., output_attentions=True).attentions[-1][:, :, 0, 1:]`
+    averaged over heads. The rows come from `ViTSelfAttention`, which records them only when
+    the `intermediates` collection is mutable, so plain calls pay nothing.
+    """
+    _, state = module.apply({"params": params}, pixels, mutable=["intermediates"])
+    last = state["intermediates"]["encoder"][f"layer_{module.config.num_hidden_layers - 1}"]
+    (row,) = last["attention"]["attention"]["cls_attention"]
+    grid = module.config.image_size // module.config.patch_size
+    return row[:, 1:].reshape(-1, grid, grid)

@@ -20,6 +20,7 @@ from idfuse_jax.prepare.run import PrepareResult, prepare_dreambench, prepare_su
 flags.DEFINE_string("out", None, "Output folder (never inside the input).")
 flags.DEFINE_enum("masks", "auto", MASK_SOURCES, "Where subject masks come from.")
 flags.DEFINE_string("onnx_model", None, "Segmentation .onnx file (masks=onnx).")
+flags.DEFINE_string("dino_model", None, "DINO ViT folder, transformers ViTModel (masks=dino).")
 flags.DEFINE_enum("inpaint", "telea", INPAINTERS, "How backgrounds are inpainted.")
 flags.DEFINE_string("inpaint_model", None, "SD inpainting model folder (inpaint=sd).")
 flags.DEFINE_list("subjects", [], "DreamBench subjects to prepare (default: all).")
@@ -33,6 +34,7 @@ def prepare(input_dir: pathlib.Path) -> dict[str, PrepareResult]:
     kwargs = dict(
         masks=FLAGS.masks,
         onnx_model=FLAGS.onnx_model,
+        dino_model=FLAGS.dino_model,
         inpaint=FLAGS.inpaint,
         inpaint_model=FLAGS.inpaint_model,
         min_size=FLAGS.min_size,
@@ -51,6 +53,11 @@ def main(argv: list[str]) -> None:
     done = sum(len(r.processed) for r in results.values())
     kept = sum(len(r.skipped) for r in results.values())
     print(f"prepared {done} image(s), {kept} already up to date, in {FLAGS.out}")
+    rejected = [(f"{s}/{k}", why) for s, r in results.items() for k, why in r.rejected.items()]
+    total = done + kept
+    print(f"{total - len(rejected)} of {total} image(s) with explicit decoupling")
+    for name, why in rejected:
+        print(f"  without: {name}: {why}")
 
 
 if __name__ == "__main__":

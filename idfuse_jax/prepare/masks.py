@@ -1,4 +1,5 @@
-"""Subject masks M_i: GrabCut seeded from the image border, or a user-supplied ONNX model.
+"""Subject masks M_i: GrabCut seeded from the image border or from a saliency map (a DINO
+ViT's attention, or a centre prior), or a user-supplied ONNX model.
 
 A segmenter is a function `image uint8 [H, W, 3] -> mask uint8 [H, W] in {0, 1}`. Masks given
 by the user (a subject folder's own `masks/`) need no segmenter; `make_segmenter` returns None
@@ -8,7 +9,6 @@ for them. Also here: the mask geometry helpers shared with inpainting (`dilate`,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -16,11 +16,13 @@ import cv2
 import numpy as np
 
 from idfuse_jax.errors import DataError
+from idfuse_jax.models.image_stats import IMAGENET_MEAN, IMAGENET_STD
+from idfuse_jax.prepare.keys import file_digest, method_key
 
 PathLike = str | pathlib.Path
 Segmenter = Callable[[np.ndarray], np.ndarray]  # uint8 [H, W, 3] -> uint8 [H, W] in {0, 1}
 
-MASK_SOURCES = ("auto", "given", "grabcut", "onnx")
+MASK_SOURCES = ("auto", "given", "grabcut", "dino", "onnx")
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,20 +126,126 @@ def grabcut(image: np.ndarray, seed: np.ndarray, iterations: int) -> np.ndarray:
     return fill_holes(clean_mask(mask))
 
 
+def top_mass(saliency: np.ndarray, mass: float) -> np.ndarray:
+    """The smallest set of the most salient pixels that holds `mass` of the total saliency
+    (DINO's own way of thresholding its attention maps), as a boolean map."""
+    flat = np.sort(saliency.ravel())[::-1]
+    total = np.cumsum(flat, dtype=np.float64)
+    if total[-1] <= 0:
+        return np.zeros(saliency.shape, bool)
+    index = min(int(np.searchsorted(total, mass * total[-1])), flat.size - 1)
+    return saliency >= flat[index]
+
+
+def saliency_seed(
+    saliency: np.ndarray, *, sure_mass: float = 0.1, mass: float = 0.6, floor: float = 0.1
+) -> np.ndarray:
+    """GrabCut seed labels from a saliency map (values >= 0).
+
+    The most salient pixels holding `sure_mass` of the total are sure subject, those holding
+    `mass` probable subject; pixels under `floor` x the maximum are sure background, the rest
+    probable background. No sure background along the border, so a subject that touches it
+    keeps its border pixels.
+    """
+    seed = np.full(saliency.shape, cv2.GC_PR_BGD, np.uint8)
+    seed[top_mass(saliency, mass)] = cv2.GC_PR_FGD
+    seed[top_mass(saliency, sure_mass)] = cv2.GC_FGD
+    seed[saliency < floor * saliency.max()] = cv2.GC_BGD
+    return seed
+
+
+def saliency_grabcut(
+    image: np.ndarray, saliency: np.ndarray, *, iterations: int = 5, work_size: int = 256
+) -> np.ndarray:
+    """GrabCut seeded by a saliency map (any size, values >= 0; `saliency_seed`) instead of the
+    image border, at a working size whose long side is `work_size`; the map is upsampled
+    (bilinear). An empty mask when the map has no contrast (GrabCut needs both kinds of seed).
+    """
+    small = shrink(image, work_size, cv2.INTER_AREA)
+    h, w = small.shape[:2]
+    up = cv2.resize(np.asarray(saliency, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    seed = saliency_seed(np.maximum(up, 0))
+    subject = (seed == cv2.GC_FGD) | (seed == cv2.GC_PR_FGD)
+    if subject.all() or not subject.any():
+        return np.zeros(image.shape[:2], np.uint8)
+    return grow(grabcut(small, seed, iterations), image.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaliencyGrabCut:
+    """`saliency_grabcut` with the map from `saliency` (image -> map [h, w], values >= 0), e.g.
+    a DINO ViT's attention (`saliency.DinoSaliency`)."""
+
+    saliency: Callable[[np.ndarray], np.ndarray]
+    iterations: int = 5
+    work_size: int = 256
+
+    @property
+    def key(self) -> str:
+        return (
+            f"saliency_grabcut({method_key(self.saliency)},iterations={self.iterations},"
+            f"size={self.work_size})"
+        )
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return saliency_grabcut(
+            image, self.saliency(image), iterations=self.iterations, work_size=self.work_size
+        )
+
+
+def centre_prior(shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """A saliency map that says "the subject is in the middle": a centred Gaussian whose
+    standard deviation is `sigma` x each side."""
+    h, w = shape[:2]
+    y = (np.arange(h) + 0.5) / h - 0.5
+    x = (np.arange(w) + 0.5) / w - 0.5
+    return np.exp(-0.5 * (y[:, None] ** 2 + x[None] ** 2) / sigma**2).astype(np.float32)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two masks (1 for two empty masks)."""
+    a, b = a > 0, b > 0
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CentrePrior:
+    """The retry after a collapsed mask: GrabCut seeded by two centre priors, a narrow and a
+    wide one (`sigmas`), trusted only when the two agree (IoU >= `agreement`).
+
+    A centre prior is a weak hint: on DreamBench's collapsed photos it often grabs a table or a
+    bench, and then the two widths disagree; where they agree, the subject was found. Returns
+    the narrow prior's mask, or None when the two disagree (no confident mask).
+    """
+
+    sigmas: tuple[float, float] = (0.2, 0.3)
+    agreement: float = 0.8
+    work_size: int = 256
+
+    @property
+    def name(self) -> str:
+        return "centre prior"
+
+    @property
+    def key(self) -> str:
+        return (
+            f"centre_prior(sigmas={self.sigmas},agreement={self.agreement},size={self.work_size})"
+        )
+
+    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+        narrow, wide = (
+            saliency_grabcut(image, centre_prior(image.shape, s), work_size=self.work_size)
+            for s in self.sigmas
+        )
+        return narrow if iou(narrow, wide) >= self.agreement else None
+
+
+CENTRE_PRIOR = CentrePrior()
+
+
 # --------------------------------------------------------------------------------------------
 # ONNX segmentation model
-
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def file_digest(path: pathlib.Path) -> str:
-    """The SHA-256 of a file's bytes, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _score_map(output: np.ndarray, path: pathlib.Path) -> np.ndarray:
@@ -175,8 +283,8 @@ class OnnxSegmenter:
         path: PathLike,
         *,
         size: int = 512,
-        mean: Sequence[float] = _IMAGENET_MEAN,
-        std: Sequence[float] = _IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
         threshold: float = 0.5,
     ):
         self.path = pathlib.Path(path)
@@ -219,8 +327,14 @@ class OnnxSegmenter:
         return (score >= self.threshold).astype(np.uint8)
 
 
-def make_segmenter(masks: str, onnx_model: PathLike | None = None) -> Segmenter | None:
-    """The segmenter for a `masks` choice (one of MASK_SOURCES); None for 'given'."""
+def make_segmenter(
+    masks: str, onnx_model: PathLike | None = None, dino_model: PathLike | None = None
+) -> Segmenter | None:
+    """The segmenter for a `masks` choice (one of MASK_SOURCES); None for 'given'.
+
+    'auto' takes the ONNX model when one is given, else DINO-seeded GrabCut when a DINO folder
+    is given, else GrabCut seeded from the border (the offline default).
+    """
     if masks not in MASK_SOURCES:
         raise DataError(f"masks must be one of {', '.join(MASK_SOURCES)}, got {masks!r}")
     if masks == "given":
@@ -229,4 +343,10 @@ def make_segmenter(masks: str, onnx_model: PathLike | None = None) -> Segmenter 
         if not onnx_model:
             raise DataError("masks='onnx' needs the path of a segmentation .onnx model")
         return OnnxSegmenter(onnx_model)
+    if masks == "dino" or (masks == "auto" and dino_model):
+        if not dino_model:
+            raise DataError("masks='dino' needs the folder of a DINO ViT (transformers ViTModel)")
+        from idfuse_jax.prepare.saliency import DinoSaliency  # JAX and the ViT: only when asked
+
+        return SaliencyGrabCut(DinoSaliency(dino_model))
     return GrabCut()

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -32,21 +32,18 @@ from idfuse_jax.data.images import (
     read_mask,
 )
 from idfuse_jax.errors import DataError
+from idfuse_jax.prepare.checks import MaskCheck
 from idfuse_jax.prepare.inpaint import Inpainter, make_inpainter
-from idfuse_jax.prepare.masks import Segmenter, make_segmenter
+from idfuse_jax.prepare.keys import method_key, method_name
+from idfuse_jax.prepare.masks import CENTRE_PRIOR, Segmenter, make_segmenter
 
 PathLike = str | pathlib.Path
 
 MANIFEST = "manifest.json"
 PREVIEW = "preview.png"
-_TINY_MASK = 0.01  # masks under this fraction of the photo are probably a failed segmentation
-_FORMAT = 1  # bump when the outputs of an unchanged method would change
-
-
-def method_key(fn: Callable) -> str:
-    """What identifies a mask/inpaint method and its settings in the cache key."""
-    key = getattr(fn, "key", None)
-    return key if isinstance(key, str) else f"{fn.__module__}.{fn.__qualname__}"
+_FORMAT = 2  # bump when the outputs or manifest entries of an unchanged method would change
+_RED = (220, 0, 0)
+DEFAULT_CHECK = MaskCheck()
 
 
 def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
@@ -68,27 +65,63 @@ def preview(
     masks: Sequence[np.ndarray],
     backgrounds: Sequence[np.ndarray],
     height: int = 160,
+    reasons: Sequence[str | None] | None = None,
 ) -> np.ndarray:
-    """One row per photo: image | mask | background, each scaled to `height`, on white."""
+    """One row per photo: image | mask | background, each scaled to `height`, on white.
+
+    A row whose entry in `reasons` is not None (a rejected mask) gets a red frame and the
+    reason written across its bottom.
+    """
+    reasons = reasons if reasons is not None else [None] * len(images)
     rows = []
-    for image, mask, background in zip(images, masks, backgrounds):
+    for image, mask, background, reason in zip(images, masks, backgrounds, reasons):
         w = max(1, round(image.shape[1] * height / image.shape[0]))
         tiles = [image, np.repeat(mask[..., None] * 255, 3, axis=-1), background]
         tiles = [cv2.resize(t, (w, height), interpolation=cv2.INTER_AREA) for t in tiles]
         gap = np.full((height, 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
+        row = np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
+        rows.append(row if reason is None else _mark_rejected(row, reason))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     return np.concatenate(rows, axis=0)
 
 
+def _mark_rejected(row: np.ndarray, reason: str, frame: int = 4) -> np.ndarray:
+    """The row inside a red frame, with the reason in white on a red band along its bottom."""
+    row = row.copy()
+    row[:frame], row[-frame:], row[:, :frame], row[:, -frame:] = _RED, _RED, _RED, _RED
+    font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+    lines = _wrap(f"no explicit decoupling: {reason}", row.shape[1] - 4 * frame, font, scale)
+    (_, text_h), base = cv2.getTextSize(reason, font, scale, thickness)
+    line_h = text_h + base + 2
+    row[-(line_h * len(lines) + frame) :] = _RED
+    for i, line in enumerate(lines):
+        y = row.shape[0] - frame - base - line_h * (len(lines) - 1 - i)
+        cv2.putText(row, line, (2 * frame, y), font, scale, (255, 255, 255), thickness)
+    return row
+
+
+def _wrap(text: str, width: int, font: int, scale: float) -> list[str]:
+    """`text` in lines no wider than `width` pixels (a word is never split)."""
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and cv2.getTextSize(candidate, font, scale, 1)[0][0] > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
+
+
 @dataclasses.dataclass(frozen=True)
 class PrepareResult:
-    """Where the outputs went, and which photos (by stem) were computed or found up to date."""
+    """Where the outputs went, which photos (by stem) were computed or found up to date, and
+    which train without explicit decoupling (stem -> reason)."""
 
     out_dir: pathlib.Path
     processed: tuple[str, ...]
     skipped: tuple[str, ...]
+    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _read_manifest(out_dir: pathlib.Path) -> dict[str, dict]:
@@ -120,27 +153,67 @@ def _output_paths(out_dir: pathlib.Path, stem: str) -> tuple[pathlib.Path, pathl
     return out_dir / MASKS_DIR / f"{stem}.png", out_dir / BACKGROUNDS_DIR / f"{stem}.png"
 
 
+def choose_mask(
+    image: np.ndarray,
+    segment: Segmenter,
+    check: MaskCheck,
+    retry: Segmenter | None = None,
+) -> tuple[np.ndarray, dict]:
+    """The mask of one photo and its manifest record (source, coverage, retries, accepted and
+    the reason when not).
+
+    A mask that fails `check` is recomputed by `retry` (another seeding; it may return None:
+    no confident mask); the first mask that passes is kept. When none does, the first mask is
+    kept and the photo is not accepted: it trains without explicit decoupling.
+    """
+    mask = segment(image)
+    reason = check(mask)
+    record = {"mask_source": method_key(segment), "retries": 0}
+    if reason is not None and retry is not None:
+        second = retry(image)
+        second_reason = "no confident mask" if second is None else check(second)
+        record["retries"] = 1
+        if second_reason is None:
+            record.update(mask_source=method_key(retry), retried_because=reason)
+            mask, reason = second, None
+        else:
+            reason = f"{reason}; retried with {method_name(retry)}: {second_reason}"
+    record.update(coverage=round(float(np.mean(mask > 0)), 4), accepted=reason is None)
+    record["reason"] = reason
+    return mask, record
+
+
 def _prepare_one(
     path: pathlib.Path,
     given: pathlib.Path | None,
     segment: Segmenter | None,
     inpainter: Inpainter,
+    check: MaskCheck,
+    retry: Segmenter | None,
     min_size: int,
     outputs: tuple[pathlib.Path, pathlib.Path],
-) -> None:
-    """Mask and background of one photo, written to `outputs`."""
+) -> dict:
+    """Mask and background of one photo, written to `outputs`; returns the mask's record."""
     image = read_image(path, min_size)
-    mask = read_mask(given, image.shape[:2]) if given else segment(image)
-    if mask.mean() < _TINY_MASK:
+    if given:  # the user's own mask: checked, never replaced
+        given_mask = read_mask(given, image.shape[:2])
+        mask, record = choose_mask(image, lambda _: given_mask, check)
+        record["mask_source"] = "given"
+    else:
+        mask, record = choose_mask(image, segment, check, retry)
+    if record["retries"] and record["accepted"]:
+        logging.info("%s: %s; the retry passed", path, record["retried_because"])
+    elif not record["accepted"]:
         logging.warning(
-            "%s: the mask covers %.1f%% of the photo (failed segmentation?); see %s",
+            "%s: no explicit decoupling for this photo (L3, L4 off): %s; see %s",
             path,
-            100 * mask.mean(),
+            record["reason"],
             outputs[0].parent.parent / PREVIEW,
         )
     background = inpainter(image, mask)
     _write_png(outputs[0], mask.astype(np.uint8) * 255)
     _write_png(outputs[1], np.asarray(background, np.uint8))
+    return record
 
 
 def prepare_subject(
@@ -149,26 +222,41 @@ def prepare_subject(
     *,
     masks: str | Segmenter = "auto",
     onnx_model: PathLike | None = None,
+    dino_model: PathLike | None = None,
     inpaint: str | Inpainter = "telea",
     inpaint_model: PathLike | None = None,
+    check: MaskCheck = DEFAULT_CHECK,
+    retry: Segmenter | None = CENTRE_PRIOR,
     min_size: int = 0,
     progress: bool = True,
 ) -> PrepareResult:
-    """Masks, backgrounds and a preview for one subject folder, written to `out_dir`.
+    """Masks, backgrounds, a preview and a manifest for one subject folder, in `out_dir`.
 
-    `masks`: 'auto' (the folder's `masks/<stem>` where present, else GrabCut, or the ONNX model
-    when `onnx_model` is set), 'given' (every photo needs its mask), 'grabcut', 'onnx', or any
+    `masks`: 'auto' (the folder's `masks/<stem>` where present, else the ONNX model when
+    `onnx_model` is set, else DINO-seeded GrabCut when `dino_model` is set, else GrabCut seeded
+    from the border), 'given' (every photo needs its mask), 'grabcut', 'dino', 'onnx', or any
     function image -> {0,1} mask. `inpaint`: 'telea', 'sd' (with `inpaint_model`), or any
-    function (image, mask) -> background. Photos whose bytes, given mask and methods are
-    unchanged since the last run are skipped; outputs of photos no longer present are removed.
+    function (image, mask) -> background. Every mask goes through `check`; a computed mask that
+    fails it is retried with `retry` (None: no retry), and a photo whose mask still fails is
+    marked not accepted in the manifest (training then leaves out its L3 and L4). Photos whose
+    bytes, given mask and methods are unchanged since the last run are skipped; outputs of
+    photos no longer present are removed.
     """
     folder, out_dir = pathlib.Path(folder), pathlib.Path(out_dir)
     paths = list_images(folder)
     _check_outside(folder, out_dir)
     use_given = masks in ("auto", "given")
-    segment = make_segmenter(masks, onnx_model) if isinstance(masks, str) else masks
+    segment = make_segmenter(masks, onnx_model, dino_model) if isinstance(masks, str) else masks
     inpainter = make_inpainter(inpaint, inpaint_model) if isinstance(inpaint, str) else inpaint
-    settings = f"{_FORMAT}|{method_key(segment) if segment else 'given'}|{method_key(inpainter)}"
+    settings = "|".join(
+        [
+            str(_FORMAT),
+            method_key(segment) if segment else "given",
+            method_key(inpainter),
+            check.key,
+            method_key(retry) if retry else "no retry",
+        ]
+    )
 
     old = _read_manifest(out_dir)
     entries, processed, skipped = {}, [], []
@@ -183,14 +271,16 @@ def prepare_subject(
                 "mask": "given" if given else "computed",
             }
             outputs = _output_paths(out_dir, path.stem)
-            if old.get(path.stem, {}).get("key") == entry["key"] and all(
-                p.is_file() for p in outputs
-            ):
+            previous = old.get(path.stem, {})
+            if previous.get("key") == entry["key"] and all(p.is_file() for p in outputs):
+                entries[path.stem] = previous
                 skipped.append(path.stem)
             else:
-                _prepare_one(path, given, segment, inpainter, min_size, outputs)
+                record = _prepare_one(
+                    path, given, segment, inpainter, check, retry, min_size, outputs
+                )
+                entries[path.stem] = {**entry, **record}
                 processed.append(path.stem)
-            entries[path.stem] = entry
     except BaseException:
         if processed:  # keep the finished work: a rerun skips it
             _write_manifest(out_dir, {**old, **entries})
@@ -207,11 +297,35 @@ def prepare_subject(
                 [read_image(p) for p in paths],
                 [read_mask(out_dir / MASKS_DIR / f"{s}.png") for s in stems],
                 [read_image(out_dir / BACKGROUNDS_DIR / f"{s}.png") for s in stems],
+                reasons=[entries[s]["reason"] for s in stems],
             ),
         )
     if processed or old != entries:
         _write_manifest(out_dir, entries)
-    return PrepareResult(out_dir, tuple(processed), tuple(skipped))
+    rejected = {s: e["reason"] for s, e in entries.items() if not e["accepted"]}
+    return PrepareResult(out_dir, tuple(processed), tuple(skipped), rejected)
+
+
+def explicit_decoupling(prepared_dir: PathLike, names: Sequence[str]) -> np.ndarray:
+    """Per photo (by stem, in the order of `names`): 1.0 where its mask was accepted, so that
+    L3 and L4 use its background; 0.0 where it trains without explicit decoupling. float32 [N].
+    """
+    prepared_dir = pathlib.Path(prepared_dir)
+    entries = _read_manifest(prepared_dir)
+    missing = [n for n in names if n not in entries]
+    if missing:
+        raise DataError(
+            f"{prepared_dir / MANIFEST}: no current entry for image(s) {', '.join(missing)} "
+            "(run idfuse_jax.prepare)"
+        )
+    return np.asarray([float(entries[n]["accepted"]) for n in names], np.float32)
+
+
+def rejection_reasons(prepared_dir: PathLike) -> dict[str, str]:
+    """stem -> why, for the photos of a prepared folder that train without explicit
+    decoupling."""
+    entries = _read_manifest(pathlib.Path(prepared_dir))
+    return {stem: e["reason"] for stem, e in entries.items() if not e["accepted"]}
 
 
 def prepare_dreambench(

@@ -11,7 +11,6 @@ only, so the rest of the photo keeps its own pixels.
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
 from typing import Any
 
@@ -22,19 +21,10 @@ import numpy as np
 
 from idfuse_jax import diffusion, weights
 from idfuse_jax.errors import DataError
+from idfuse_jax.prepare.keys import folder_fingerprint
 from idfuse_jax.prepare.masks import dilate, dilation_pixels
 
 PathLike = str | pathlib.Path
-
-
-def _folder_fingerprint(folder: pathlib.Path) -> str:
-    """A short hash of the model folder's file names, sizes and modification times."""
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 class SDInpainter:
@@ -79,7 +69,7 @@ class SDInpainter:
         }
         self._generate = jax.jit(self._generate_impl)
         self.key = (
-            f"sd(model={_folder_fingerprint(self.folder)},prompt={prompt!r},"
+            f"sd(model={folder_fingerprint(self.folder)},prompt={prompt!r},"
             f"negative={negative_prompt!r},steps={steps},guidance={guidance_scale},size={size},"
             f"seed={seed},dilate={dilate},dtype={jnp.dtype(dtype).name})"
         )
