@@ -21,6 +21,7 @@ slightly from idfuse_jax's own preprocessing.
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import torch
@@ -98,7 +99,13 @@ def reference_image_embeds(image_encoder_folder: str, photo: str) -> torch.Tenso
     import transformers
     from PIL import Image
 
-    encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(image_encoder_folder)
+    config = transformers.CLIPVisionConfig.from_pretrained(image_encoder_folder)
+    top = json.loads((pathlib.Path(image_encoder_folder) / "config.json").read_text())
+    if "vision_config" in top:  # a CLIPModel: its visual projection has the top-level width
+        config.projection_dim = top.get("projection_dim", config.projection_dim)
+    encoder = transformers.CLIPVisionModelWithProjection.from_pretrained(
+        image_encoder_folder, config=config
+    )
     processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": encoder.config.image_size},
         crop_size={"height": encoder.config.image_size, "width": encoder.config.image_size},
@@ -116,29 +123,34 @@ def generate(pipe, idfuse: IdFuse, prompt: str, *, reference_embeds=None, negati
     return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, **kwargs).images
 
 
-flags.DEFINE_string("pipeline", None, "The diffusers pipeline folder the subject was trained on.")
-flags.DEFINE_string("workdir", None, "The training workdir (idfuse_lora/idfuse_weights files).")
-flags.DEFINE_string("prompt", None, "The prompt, with the subject's token (e.g. 'a sks dog').")
-flags.DEFINE_string("reference", None, "Optional photo whose background the images keep.")
-flags.DEFINE_string("image_encoder", None, "The CLIP image-encoder folder (with --reference).")
-flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
-flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance.")
-flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
-flags.DEFINE_string("out", "sample.png", "Output PNG.")
-flags.mark_flags_as_required(["pipeline", "workdir", "prompt"])
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a script, so that importing this
+    module next to other absl programs defines nothing)."""
+    flags.DEFINE_string(
+        "pipeline", None, "The diffusers pipeline folder the subject was trained on."
+    )
+    flags.DEFINE_string("workdir", None, "The training workdir (idfuse_lora/idfuse_weights files).")
+    flags.DEFINE_string("prompt", None, "The prompt, with the subject's token (e.g. 'a sks dog').")
+    flags.DEFINE_string("reference", None, "Optional photo whose background the images keep.")
+    flags.DEFINE_string("image_encoder", None, "The CLIP image-encoder folder (with --reference).")
+    flags.DEFINE_integer("num_steps", 50, "Sampler steps.")
+    flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance.")
+    flags.DEFINE_integer("seed", 0, "Seed of the initial noise.")
+    flags.DEFINE_string("out", "sample.png", "Output PNG.")
+    flags.mark_flags_as_required(["pipeline", "workdir", "prompt"])
 
 
 def main(argv: list[str]) -> None:
     del argv
     import diffusers
 
+    if flags.FLAGS.reference and not flags.FLAGS.image_encoder:
+        fail("--reference needs --image_encoder (the CLIP folder the run trained with)")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(flags.FLAGS.pipeline,
                                                              safety_checker=None)  # fmt: skip
     idfuse = load_trained(pipe, flags.FLAGS.workdir)
     reference = None
     if flags.FLAGS.reference:
-        if not flags.FLAGS.image_encoder:
-            fail("--reference needs --image_encoder (the CLIP folder the run trained with)")
         reference = reference_image_embeds(flags.FLAGS.image_encoder, flags.FLAGS.reference)
     (image,) = generate(
         pipe,
@@ -154,4 +166,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -7,6 +7,7 @@ ViT-S/16. Each must parse into our config with the published values, and build (
 """
 
 import json
+import os
 import pathlib
 
 import jax
@@ -448,6 +449,26 @@ def test_diffusers_pipeline_with_exported_files_predicts_our_noise(hub, tmp_path
     assert _relative(embeds.numpy(), cond) < 1e-4
     assert _relative(embeds_ref.numpy(), cond_ref) < 1e-4
     assert _relative(theirs.numpy().transpose(0, 2, 3, 1), ours) < 1e-4
+    # The example's command line, as a PyTorch user runs it (2 steps, with a reference photo).
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    script = pathlib.Path(example.__file__)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(photo)
+    command = [sys.executable, str(script), f"--pipeline={sd}", f"--workdir={tmp_path}",
+               "--prompt=a photo of sks dog", "--num_steps=2", f"--out={tmp_path / 'x.png'}",
+               f"--reference={photo}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    run = lambda *extra: subprocess.run([*command, *extra], env=env, capture_output=True, text=True)
+    result = run()
+    assert result.returncode == 1 and "error: --reference needs --image_encoder" in result.stderr
+    result = run(f"--image_encoder={clip_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(tmp_path / "x.png") as image:
+        assert image.size == (8, 8)  # the tiny UNet's 4 latents x the VAE's factor 2
     # Without the LoRA (a plain pipeline), the prediction is not ours: the file mattered.
     pipe.unload_lora_weights()
     with torch.no_grad():
