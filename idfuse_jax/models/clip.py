@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idfuse_jax.errors import WeightsError
-from idfuse_jax.formats import check_config_keys, require_value
+from idfuse_jax.formats import TRANSFORMERS_GENERIC_KEYS, check_config_keys, require_value
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
 from idfuse_jax.models.image_stats import CLIP_MEAN, CLIP_STD
 
@@ -43,26 +43,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
-
-# PretrainedConfig keys that do not change what an encoder computes (names, versions, generation
-# and output options, init scales, label maps, token ids other than EOS).
-HF_INERT_KEYS = frozenset(
-    {
-        "architectures", "transformers_version", "torch_dtype", "dtype", "name_or_path",
-        "initializer_range", "initializer_factor", "id2label", "label2id", "num_labels",
-        "problem_type", "finetuning_task", "return_dict", "output_hidden_states",
-        "output_attentions", "torchscript", "use_bfloat16", "tokenizer_class", "prefix",
-        "task_specific_params", "bos_token_id", "pad_token_id", "sep_token_id",
-        "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id", "max_length",
-        "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-        "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-        "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-        "num_return_sequences", "output_scores", "return_dict_in_generate",
-        "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-        "begin_suppress_tokens", "chunk_size_feed_forward", "tie_word_embeddings",
-        "tie_encoder_decoder", "cross_attention_hidden_size", "tf_legacy_loss", "use_cache",
-    }
-)  # fmt: skip
 
 # Keys transformers writes whose default is harmless but whose other values we do not implement.
 HF_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
@@ -92,7 +72,7 @@ def check_transformers_config(
     check_config_keys(
         config,
         set(implemented) | set(HF_DEFAULT_ONLY) | {"model_type"},
-        set(HF_INERT_KEYS) | set(extra_inert),
+        TRANSFORMERS_GENERIC_KEYS | set(extra_inert),
         where=where,
     )
     for key, allowed in HF_DEFAULT_ONLY.items():
