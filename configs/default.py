@@ -23,8 +23,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.pretrained = ""
     # transformers CLIPVisionModelWithProjection or CLIPModel folder: the image encoder E_I.
     c.model.image_encoder = ""
-    c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32); params float32
+    # Weight-file variant of the pipeline's unet/ vae/ text_encoder/, as diffusers' `variant`:
+    # "fp16" loads diffusion_pytorch_model.fp16.safetensors and model.fp16.safetensors (the
+    # values are cast to model.weights_dtype on load). "" loads the plain files.
+    c.model.variant = ""
+    c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32)
+    # Storage dtype of the frozen UNet and CLIP weights: "" keeps float32; "bfloat16" halves
+    # their memory (the compute casts them to model.dtype anyway; LoRA merges in float32).
+    c.model.weights_dtype = ""
     c.model.remat = False  # rematerialise UNet blocks: less memory, ~30% more compute
+    # Attention kernel of every model (idfuse_jax.models.attention): "auto" = cuDNN flash on GPU
+    # (bf16/fp16), Pallas flash on TPU, "blockwise" (O(T x 128) memory flash in plain JAX)
+    # elsewhere; or "xla" (materialised scores), "blockwise", "cudnn", "tpu_flash" by name.
+    c.model.attention = "auto"
     # Sizes of the random models used when model.pretrained is empty.
     c.model.random = ml_collections.ConfigDict(
         dict(

@@ -22,6 +22,9 @@ from idfuse_jax.tokenizer import ByteTokenizer
 from idfuse_jax.types import Params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Storage dtype of the frozen UNet, text and image encoder weights ("": float32, as trained).
+# The VAE stays float32 (diffusers' force_upcast).
+WEIGHTS_DTYPES = {"": jnp.float32, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # SD 1.x/2.x training schedule, used for random models (real ones read scheduler/).
 SD_SCHEDULE = {
     "num_train_timesteps": 1000,
@@ -65,6 +68,7 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
     """Small random models of `config.model.random` sizes (no files needed)."""
     r = config.model.random
     dtype = DTYPES[config.model.dtype]
+    attention = config.model.attention
     channels = tuple(r.unet_channels)
     n = len(channels)
     unet_config = unet.UNetConfig(
@@ -106,10 +110,13 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
     )
     models = _assemble(
         config,
-        unet.UNet2DConditionModel(unet_config, dtype=dtype, remat=config.model.remat),
-        vae.AutoencoderKL(vae_config),  # float32: it runs once per image, not per step
-        clip.CLIPTextTransformer(text_config, dtype=dtype),
-        clip.CLIPVisionTransformer(image_config, dtype=dtype),
+        unet.UNet2DConditionModel(
+            unet_config, dtype=dtype, remat=config.model.remat, attention=attention
+        ),
+        # float32: it runs once per image, not per step
+        vae.AutoencoderKL(vae_config, attention=attention),
+        clip.CLIPTextTransformer(text_config, dtype=dtype, attention=attention),
+        clip.CLIPVisionTransformer(image_config, dtype=dtype, attention=attention),
         tokenizer,
         diffusion.Schedule.from_config(SD_SCHEDULE),
     )
@@ -119,11 +126,20 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
         name: weights.init_params(module, key)
         for name, module, key in zip(("unet", "vae", "text", "image"), modules, keys)
     }
+    store = WEIGHTS_DTYPES[config.model.weights_dtype]
+    for name in ("unet", "text", "image"):
+        frozen[name] = jax.tree.map(lambda x: x.astype(store), frozen[name])
     return models, frozen
 
 
-def pretrained_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Params]]:
-    """Models loaded from the diffusers pipeline folder and the CLIP image-encoder folder."""
+def pretrained_models(
+    config: ml_collections.ConfigDict, *, lazy: bool = False
+) -> tuple[Models, dict[str, Params]]:
+    """Models loaded from the diffusers pipeline folder and the CLIP image-encoder folder.
+
+    With `lazy`, the parameter leaves are `formats.LazyArray`s still on disk, for
+    `sharding.put` to read, place and drop one at a time.
+    """
     dtype = DTYPES[config.model.dtype]
     sd = _existing_folder(
         config.model.pretrained, "model.pretrained", "a diffusers Stable Diffusion pipeline folder"
@@ -133,11 +149,25 @@ def pretrained_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[s
         "model.image_encoder",
         "a transformers CLIP vision (or CLIPModel) folder",
     )
-    unet_model, unet_params = weights.load_unet(sd, dtype=dtype, remat=config.model.remat)
+    options = weights.LoadOptions(
+        variant=config.model.variant,
+        lazy=lazy,
+        param_dtype=WEIGHTS_DTYPES[config.model.weights_dtype],
+    )
+    attention = config.model.attention
+    unet_model, unet_params = weights.load_unet(
+        sd, dtype=dtype, remat=config.model.remat, options=options, attention=attention
+    )
     # The VAE stays float32 (diffusers' force_upcast): it runs once per image, not per step.
-    vae_model, vae_params = weights.load_vae(sd)
-    text_model, text_params = weights.load_clip_text(sd, dtype=dtype)
-    image_model, image_params = weights.load_clip_vision(image_dir, dtype=dtype)
+    vae_options = dataclasses.replace(options, param_dtype=jnp.float32)
+    vae_model, vae_params = weights.load_vae(sd, options=vae_options, attention=attention)
+    text_model, text_params = weights.load_clip_text(
+        sd, dtype=dtype, options=options, attention=attention
+    )
+    image_options = dataclasses.replace(options, variant="")  # another repo: no variants
+    image_model, image_params = weights.load_clip_vision(
+        image_dir, dtype=dtype, options=image_options, attention=attention
+    )
     models = _assemble(
         config,
         unet_model,
@@ -174,9 +204,14 @@ def _assemble(config, unet_model, vae_model, text_model, image_model, tokenizer,
     return Models(unet_model, vae_model, text_model, image_model, idfuse, tokenizer, schedule)
 
 
-def build_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Params]]:
+def build_models(
+    config: ml_collections.ConfigDict, *, lazy: bool = False
+) -> tuple[Models, dict[str, Params]]:
     """(Models, frozen params {"unet", "vae", "text", "image"}) as the config asks.
 
-    Loaded weights stay host (numpy) arrays: the caller places them (sharded) on devices.
+    Loaded weights stay host (numpy) arrays, or with `lazy` on disk (`formats.LazyArray`): the
+    caller places them (sharded) on devices.
     """
-    return pretrained_models(config) if config.model.pretrained else random_models(config)
+    if config.model.pretrained:
+        return pretrained_models(config, lazy=lazy)
+    return random_models(config)

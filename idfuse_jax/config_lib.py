@@ -20,12 +20,14 @@ import ml_collections
 
 from idfuse_jax import build, diffusion, losses, optim
 from idfuse_jax.errors import ConfigError
-from idfuse_jax.models import conditioning
+from idfuse_jax.models import attention, conditioning
 from idfuse_jax.prepare.inpaint import INPAINTERS
 from idfuse_jax.prepare.masks import MASK_SOURCES
 
 CHOICES = {
     "model.dtype": tuple(build.DTYPES),
+    "model.attention": attention.IMPLEMENTATIONS,
+    "model.weights_dtype": tuple(build.WEIGHTS_DTYPES),
     "method.background": conditioning.BACKGROUND_MODES,
     "loss.text_pool": losses.TEXT_POOLS,
     "optim.schedule": optim.SCHEDULES,
@@ -43,7 +45,11 @@ RENAMED = {
     "train.inject_nan_at_step": None,
 }
 # Fields added since the first release, with the value that reproduces older runs.
-ADDED: dict[str, Any] = {}
+ADDED: dict[str, Any] = {
+    "model.variant": "",
+    "model.weights_dtype": "",
+    "model.attention": "xla",  # the kernel of runs before the field
+}
 POSITIVE = (
     "data.resolution",
     "data.synthetic_images",

@@ -11,12 +11,13 @@ read). Config keys fall into four groups:
 - read: `num_train_timesteps`, `beta_start`, `beta_end`, `beta_schedule` (linear, scaled_linear,
   squaredcos_cap_v2), `trained_betas`, `prediction_type` (epsilon, v_prediction),
   `timestep_spacing` (leading, trailing, linspace), `steps_offset`, `set_alpha_to_one`;
-- ignored as harmless (`IGNORED_KEYS`): metadata (`_class_name`, `_diffusers_version`,
-  `_use_default_values`), options of samplers we do not run (`skip_prk_steps`), options that only
-  act when a refused option is on (`clip_sample_range`, `dynamic_thresholding_ratio`,
-  `sample_max_value`, `flow_shift`, `time_shift_type`), and DPM-Solver's `lower_order_final` and
-  `euler_at_final`, which cannot change a 2nd-order solve whose final sigma is zero (diffusers
-  takes a first-order final step then anyway);
+- ignored as harmless (`IGNORED_KEYS`): metadata (every key starting with "_", which diffusers
+  ignores too: `_class_name`, `_diffusers_version`, `_use_default_values`), options of samplers
+  we do not run (`skip_prk_steps`), options that only act when a refused option is on
+  (`clip_sample_range`, `dynamic_thresholding_ratio`, `sample_max_value`, `flow_shift`,
+  `time_shift_type`), and DPM-Solver's `lower_order_final` and `euler_at_final`, which cannot
+  change a 2nd-order solve whose final sigma is zero (diffusers takes a first-order final step
+  then anyway);
 - pinned (`PINNED_VALUES`): accepted only at the value we implement, e.g. `clip_sample` and
   `thresholding` must be false (a missing `clip_sample` counts as false, although
   DDIMScheduler's own default is true: clipping is wrong for latents, and SD configs set it);
@@ -65,9 +66,6 @@ READ_KEYS = frozenset(
 )
 IGNORED_KEYS = frozenset(
     {
-        "_class_name",
-        "_diffusers_version",
-        "_use_default_values",
         "skip_prk_steps",
         "clip_sample_range",
         "dynamic_thresholding_ratio",
@@ -114,10 +112,10 @@ def _pinned_ok(value: Any, allowed: tuple[Any, ...]) -> bool:
 def check_config(config: Mapping[str, Any]) -> None:
     """Raise `WeightsError` naming the first key whose value we would not honour."""
     for key, value in config.items():
-        if key in READ_KEYS or key in IGNORED_KEYS:
+        if key in READ_KEYS or key in IGNORED_KEYS or key.startswith("_"):
             continue
         if key not in PINNED_VALUES:
-            raise WeightsError(f"scheduler config key {key!r} is not supported")
+            raise WeightsError(f"scheduler config key {key}={value!r} is not supported")
         if not _pinned_ok(value, PINNED_VALUES[key]):
             allowed = " or ".join(repr(a) for a in PINNED_VALUES[key])
             raise WeightsError(

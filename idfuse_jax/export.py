@@ -1,12 +1,15 @@
-"""The trained weights alone, as one safetensors file: LoRA factors under diffusers/peft names,
-the adapter and FFM under `idfuse.*`; and reading such a file back into a trainable tree.
+"""The trained weights alone: one safetensors file with everything trained (LoRA factors under
+diffusers/peft names, the adapter and FFM under `idfuse.*`) and reading it back into a trainable
+tree; and a LoRA-only file that diffusers' `load_lora_weights` takes as it is.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +70,60 @@ def export_trainable(
     save_file(tensors, str(path), metadata=metadata)
     logging.info("exported %d tensors to %s", len(tensors), path)
     return path
+
+
+LORA_FILE = "idfuse_lora.safetensors"
+# diffusers (`lora_base.LORA_ADAPTER_METADATA_KEY`): per-model peft LoraConfig kwargs, as JSON.
+_LORA_METADATA_KEY = "lora_adapter_metadata"
+
+
+def diffusers_lora(
+    trainable: dict[str, Params], config: ml_collections.ConfigDict
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a LoRA file that diffusers' `load_lora_weights` takes as it is.
+
+    Tensors: the UNet and text-encoder LoRA factors in diffusers/peft names (`export_names`).
+    Metadata: diffusers reads `lora_adapter_metadata` (`"unet.r"`, `"unet.lora_alpha"`,
+    `"unet.target_modules"`, likewise `"text_encoder.*"`) as the peft LoraConfig of each model;
+    without it diffusers takes alpha = rank (scale 1), which is wrong for lora_alpha != rank.
+    Text-encoder module names drop `text_model.`: peft matches a target as a name suffix, so
+    they fit transformers 4.x (`text_model.encoder...`) and 5.x (`encoder...`) models alike.
+    """
+    flat = traverse_util.flatten_dict(jax.device_get(dict(trainable)))
+    tensors: dict[str, np.ndarray] = {}
+    adapters: dict[str, Any] = {}
+    for key, (name, transposed) in export_names(trainable).items():
+        if key[0] not in _LORA_PREFIXES:
+            continue
+        value = np.asarray(flat[key], np.float32)
+        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+        model, module = name.split(".", 1)
+        module = module.rsplit(".lora_", 1)[0].removeprefix("text_model.")
+        adapters.setdefault(model, set()).add(module)
+    metadata = {"format": "pt"}
+    if adapters:
+        kwargs = {}
+        for model, modules in adapters.items():
+            kwargs[f"{model}.r"] = int(config.method.lora_rank)
+            kwargs[f"{model}.lora_alpha"] = float(config.method.lora_alpha)
+            kwargs[f"{model}.target_modules"] = sorted(modules)
+        metadata[_LORA_METADATA_KEY] = json.dumps(kwargs, sort_keys=True)
+    return tensors, metadata
+
+
+def export_run(
+    trainable: dict[str, Params], workdir: str | pathlib.Path, config: ml_collections.ConfigDict
+) -> list[pathlib.Path]:
+    """A finished run's exports: idfuse_weights.safetensors (everything trained, for
+    `idfuse_jax.sample`) and, when LoRA is on, idfuse_lora.safetensors (for diffusers'
+    `load_lora_weights`; examples/diffusers_sample.py adds the adapter and FFM)."""
+    workdir = pathlib.Path(workdir)
+    paths = [export_trainable(trainable, workdir / "idfuse_weights.safetensors", config)]
+    tensors, metadata = diffusers_lora(trainable, config)
+    if tensors:
+        save_file(tensors, str(workdir / LORA_FILE), metadata=metadata)
+        paths.append(workdir / LORA_FILE)
+    return paths
 
 
 def import_trainable(path: str | pathlib.Path, template: dict[str, Params]) -> dict[str, Params]:

@@ -22,6 +22,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from idfuse_jax.errors import ConfigError
+from idfuse_jax.formats import LazyArray
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -122,10 +123,15 @@ def put(tree: Any, shardings: Any) -> Any:
 
     Every process holds the whole array and hands over the slices its own devices need: no
     unsharded copy lands on one device, and no cross-host check of the values is needed.
+    `LazyArray` leaves (weights still on disk) are read one at a time, placed and dropped, so
+    host memory holds about one tensor beyond what is already placed.
     """
 
     def place(x, sharding):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if isinstance(x, LazyArray):
+            x = x.load()
+        elif not isinstance(x, jax.Array):
+            x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(place, tree, shardings)

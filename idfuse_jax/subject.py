@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from idfuse_jax import resources
 from idfuse_jax.build import Models
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.data import synthetic
@@ -88,7 +89,20 @@ def prepare_subject_features(
 ) -> SubjectFeatures:
     """VAE moments, CLIP image and background features of every (flipped) image, which of them
     have explicit decoupling, and P's ids."""
-    images, backgrounds, decouple = subject_images(config, workdir)
+    with resources.phase("prepare"):  # masks and backgrounds (cached under the workdir)
+        images, backgrounds, decouple = subject_images(config, workdir)
+    with resources.phase("features"):
+        return _features(config, models, frozen, images, backgrounds, decouple)
+
+
+def _features(
+    config: ml_collections.ConfigDict,
+    models: Models,
+    frozen: dict[str, Params],
+    images: np.ndarray,
+    backgrounds: np.ndarray,
+    decouple: np.ndarray,
+) -> SubjectFeatures:
     if config.data.random_flip:
         images = np.concatenate([images, images[:, :, ::-1]])
         backgrounds = np.concatenate([backgrounds, backgrounds[:, :, ::-1]])
@@ -102,7 +116,7 @@ def prepare_subject_features(
     image_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in images]
     background_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in backgrounds]
     (prompt,) = format_prompts(config, [config.data.prompt])
-    return SubjectFeatures(
+    features = SubjectFeatures(
         latent_mean=jnp.concatenate([m[0] for m in moments]).astype(jnp.float32),
         latent_logvar=jnp.concatenate([m[1] for m in moments]).astype(jnp.float32),
         image_embeds=jnp.concatenate(image_embeds).astype(jnp.float32),
@@ -111,3 +125,4 @@ def prepare_subject_features(
         num_items=len(images),
         decouple=jnp.asarray(decouple, jnp.float32),
     )
+    return jax.block_until_ready(features)

@@ -144,6 +144,44 @@ def read_merges(path: pathlib.Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def special_tokens_map_wins(config: Mapping[str, Any]) -> bool:
+    """Whether special_tokens_map.json overrides tokenizer_config.json, as in transformers 5.24
+    (`PreTrainedTokenizerBase._from_pretrained`): only for a config without
+    `added_tokens_decoder` (the legacy layout, e.g. SD 2's tokenizer/ with pad "!" in the map and
+    `<|endoftext|>` in the config: transformers pads with the id of "!")."""
+    return "added_tokens_decoder" not in config
+
+
+def special_settings(folder: pathlib.Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """(settings, added tokens) of a tokenizer folder, resolved as transformers resolves them.
+
+    settings: tokenizer_config.json, overridden key by key by special_tokens_map.json when
+      `special_tokens_map_wins`. added tokens: content -> id, from the config's
+      `added_tokens_decoder`, else from the legacy added_tokens.json.
+    """
+    config = (
+        _read_json_file(folder / "tokenizer_config.json")
+        if (folder / "tokenizer_config.json").is_file()
+        else {}
+    )
+    settings = dict(config)
+    added: dict[str, int] = {}
+    if special_tokens_map_wins(config):
+        if (folder / "special_tokens_map.json").is_file():
+            settings.update(_read_json_file(folder / "special_tokens_map.json"))
+        if (folder / "added_tokens.json").is_file():
+            added = {
+                str(k): int(v) for k, v in _read_json_file(folder / "added_tokens.json").items()
+            }
+    else:
+        added = {
+            _token_content(entry): int(index)
+            for index, entry in (config["added_tokens_decoder"] or {}).items()
+            if _token_content(entry) is not None
+        }
+    return settings, added
+
+
 class CLIPTokenizer(_FixedLengthTokenizer):
     """CLIP's byte-level BPE tokenizer (see the module docstring for the exact steps).
 
@@ -194,26 +232,18 @@ class CLIPTokenizer(_FixedLengthTokenizer):
 
     @classmethod
     def from_folder(cls, folder: str | pathlib.Path) -> CLIPTokenizer:
-        """From a tokenizer folder: vocab.json, merges.txt, and optionally tokenizer_config.json
-        and special_tokens_map.json (special tokens, model_max_length; the former wins)."""
+        """From a tokenizer folder: vocab.json, merges.txt, and optionally tokenizer_config.json,
+        special_tokens_map.json and added_tokens.json (`special_settings` says which wins)."""
         folder = pathlib.Path(folder)
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
                 raise WeightsError(f"{folder}: no {name} (a CLIP tokenizer folder needs it)")
-        settings: dict[str, Any] = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            if (folder / name).is_file():
-                settings.update(_read_json_file(folder / name))
+        settings, added = special_settings(folder)
         kwargs: dict[str, Any] = {}
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
             token = _token_content(settings.get(key))
             if token is not None:
                 kwargs[key] = token
-        added = {
-            _token_content(entry): int(index)
-            for index, entry in (settings.get("added_tokens_decoder") or {}).items()
-            if _token_content(entry) is not None
-        }
         length = settings.get("model_max_length", CLIP_MAX_LENGTH)
         if not isinstance(length, (int, float)) or length >= _UNSET_LENGTH:
             length = CLIP_MAX_LENGTH

@@ -25,7 +25,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from idfuse_jax import build, checkpoint, config_lib, export, method, metrics, optim, sharding
+from idfuse_jax import (
+    build,
+    checkpoint,
+    config_lib,
+    export,
+    method,
+    metrics,
+    optim,
+    resources,
+    sharding,
+)
 from idfuse_jax import subject as subject_lib
 from idfuse_jax.errors import NonFiniteError
 from idfuse_jax.types import Params
@@ -112,9 +122,20 @@ def train_step(
 # Data order: a grain iterator over the augmented images, checkpointed with the state
 
 
-def index_iterator(num_items: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless shuffled batches of indices into the precomputed per-image arrays."""
-    dataset = grain.MapDataset.range(num_items).seed(seed).shuffle().repeat().batch(batch_size)
+def index_iterator(
+    num_items: int, batch_size: int, seed: int, num_steps: int
+) -> Iterator[np.ndarray]:
+    """`num_steps` batches of shuffled indices into the precomputed per-image arrays.
+
+    Each epoch is reshuffled and batches run across epoch boundaries. The repeat is finite:
+    grain 0.2.18 computes an endless repeat's batched length as ceil(sys.maxsize / batch_size)
+    in floating point, which overflows at batch size 1. The order does not depend on `num_steps`
+    (a run resumed with more steps continues the same sequence), and the iterator's state is
+    its next batch index.
+    """
+    epochs = max(1, math.ceil(num_steps * batch_size / num_items))
+    dataset = grain.MapDataset.range(num_items).seed(seed).shuffle().repeat(epochs)
+    dataset = dataset.batch(batch_size)
     # A stream of small ints: no prefetch threads needed.
     read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     return iter(dataset.to_iter_dataset(read))
@@ -332,10 +353,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    # Frozen weights go straight from host memory to their fsdp shards.
-    models, frozen = build.build_models(config)
+    # Frozen weights stream from disk to their fsdp shards, one tensor at a time.
+    with resources.phase("load"):
+        models, frozen = build.build_models(config, lazy=True)
+        frozen = sharding.put(frozen, sharding.fsdp_shardings(frozen, mesh))
+        jax.block_until_ready(frozen)
     replicated = sharding.replicated(mesh)
-    frozen = sharding.put(frozen, sharding.fsdp_shardings(frozen, mesh))
     subject = subject_lib.prepare_subject_features(config, models, frozen, workdir)
     explicit_images = int(np.sum(subject.decouple))
     logging.info(
@@ -367,7 +390,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     )
 
     mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
-    data_iter = index_iterator(subject.num_items, config.train.batch_size, config.seed)
+    data_iter = index_iterator(
+        subject.num_items, config.train.batch_size, config.seed, config.train.steps
+    )
     restored = checkpoint.restore_latest(mngr, state)
     start_step = 0
     if restored is not None:
@@ -378,10 +403,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         print(f"Resuming from step {start_step} ({mngr.directory})", flush=True)
 
     example_indices = sharding.global_batch(np.zeros((config.train.batch_size,), np.int32), mesh)
-    compiled, compile_seconds, flops = _compile(
-        step_fn, (state, frozen, subject, example_indices, step_key)
-    )
-    sampler = make_sampler(models, config, frozen, state.params, replicated)
+    with resources.phase("compile"):
+        compiled, compile_seconds, flops = _compile(
+            step_fn, (state, frozen, subject, example_indices, step_key)
+        )
+        sampler = make_sampler(models, config, frozen, state.params, replicated)
     writer = metrics.MetricsWriter(workdir, resume_step=start_step)
     writer.write(
         start_step,
@@ -412,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     stop = _StopFlag()
     step = start_step
     try:
-        with _stop_on_signals(stop):
+        with _stop_on_signals(stop), resources.phase(f"steps {start_step}-{config.train.steps}"):
             check_every = config.train.stop_check_every
             while step < config.train.steps and not _should_stop(
                 stop, step, check_every, any_process
@@ -446,11 +472,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             )
             return
         if is_main:
-            exported = export.export_trainable(
-                state.params, workdir / "idfuse_weights.safetensors", config
-            )
-            size = exported.stat().st_size
-            print(f"Exported trainable weights: {exported} ({size / 2**20:.2f} MiB)", flush=True)
+            for exported in export.export_run(state.params, workdir, config):
+                size = exported.stat().st_size
+                print(
+                    f"Exported trainable weights: {exported} ({size / 2**20:.2f} MiB)", flush=True
+                )
     finally:
         mngr.wait_until_finished()
         mngr.close()

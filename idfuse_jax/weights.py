@@ -2,8 +2,11 @@
 
 The on-disk formats are the ones diffusers and transformers write: a folder with `config.json`
 and `*.safetensors`, and diffusers' pipeline folder (`model_index.json` with `unet/`, `vae/`,
-`text_encoder/`, `tokenizer/`, `scheduler/`). Our Flax modules mirror the PyTorch module names,
-so a state-dict key maps to a parameter path by one generic rule:
+`text_encoder/`, `tokenizer/`, `scheduler/`), each model's weights in the file its library
+loads (`formats.weight_files`: `diffusion_pytorch_model[.variant].safetensors` or
+`model[.variant].safetensors`, or their index; nothing else in the folder; `LoadOptions`
+chooses the variant, lazy reading and the parameter dtype). Our Flax modules
+mirror the PyTorch module names, so a state-dict key maps to a parameter path by one generic rule:
 
   "down_blocks.0.attentions.1.to_q.weight" -> ("down_blocks_0", "attentions_1", "to_q", "kernel")
 
@@ -16,6 +19,8 @@ missing, unexpected and mis-shaped tensors.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import pathlib
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +30,15 @@ import numpy as np
 from flax import traverse_util
 
 from idfuse_jax.errors import WeightsError
-from idfuse_jax.formats import component_dir, read_config, read_safetensors
+from idfuse_jax.formats import (
+    DIFFUSERS_WEIGHTS,
+    TRANSFORMERS_WEIGHTS,
+    LazyArray,
+    StoredTensor,
+    component_dir,
+    read_config,
+    read_safetensors,
+)
 from idfuse_jax.types import PathLike
 
 
@@ -52,6 +65,17 @@ def _to_kernel(array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
+def _shape_probe(array: Any) -> np.ndarray:
+    """A zero-stride array of `array`'s shape: layout changes give the shape, reading nothing."""
+    return np.lib.stride_tricks.as_strided(np.zeros((), np.uint8), array.shape, (0,) * array.ndim)
+
+
+def _read_converted(
+    tensor: StoredTensor, layout: Callable, target_shape: tuple[int, ...], dtype: Any
+) -> np.ndarray:
+    return np.asarray(layout(tensor.read(), target_shape), dtype=dtype)
+
+
 def _summarise(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... (+{len(names) - limit} more)" if len(names) > limit else "")
@@ -69,7 +93,8 @@ def convert_state_dict(
     """Map a PyTorch state dict onto the nested parameter tree `target` (shapes only).
 
     Args:
-      state: tensor name -> array, as read from safetensors.
+      state: tensor name -> array, as read from safetensors; `StoredTensor`s (lazy reading)
+        become `LazyArray` leaves that read and convert themselves when loaded.
       target: nested dict whose leaves have `.shape` (e.g. from `jax.eval_shape` of `init`).
       where: the folder or component name, for error messages.
       rename: optional key rewrite before the generic rule; returning None drops the tensor.
@@ -77,7 +102,8 @@ def convert_state_dict(
       dtype: the dtype of the returned parameters.
 
     Returns:
-      A nested dict of numpy arrays with exactly the structure and shapes of `target`.
+      A nested dict of numpy arrays (or `LazyArray`s) with exactly the structure and shapes of
+      `target`.
     """
     flat_target = traverse_util.flatten_dict(dict(target))
     ignore_res = [re.compile(p) for p in ignore]
@@ -102,12 +128,16 @@ def convert_state_dict(
             unexpected.append(key)
             continue
         target_shape = tuple(flat_target[path].shape)
-        if path[-1] == "kernel":
-            array = _to_kernel(array, target_shape)
-        if tuple(array.shape) != target_shape:
+        layout = _to_kernel if path[-1] == "kernel" else lambda a, _: a
+        shape = tuple(layout(_shape_probe(array), target_shape).shape)
+        if shape != target_shape:
             misshaped.append(f"{key} {tuple(array.shape)} != {target_shape}")
             continue
-        result[path] = np.asarray(array, dtype=dtype)
+        if isinstance(array, StoredTensor):
+            load = functools.partial(_read_converted, array, layout, target_shape, dtype)
+            result[path] = LazyArray(target_shape, dtype, load)
+        else:
+            result[path] = np.asarray(layout(array, target_shape), dtype=dtype)
     missing = ["/".join(p) for p in flat_target if p not in result]
     if missing or unexpected or misshaped:
         parts = []
@@ -119,6 +149,22 @@ def convert_state_dict(
             parts.append(f"{len(misshaped)} mis-shaped [{_summarise(misshaped)}]")
         raise WeightsError(f"{where}: weights do not match the model: " + "; ".join(parts))
     return traverse_util.unflatten_dict(result)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How a loader reads a model's weights.
+
+    variant: weight-file variant ("fp16": `*.fp16.safetensors`), "" for the plain files.
+    lazy: return `LazyArray` leaves that read one tensor each when loaded (streaming placement
+      by `sharding.put`), instead of numpy arrays.
+    param_dtype: dtype of the returned parameters (float32, or the compute dtype to halve
+      memory).
+    """
+
+    variant: str = ""
+    lazy: bool = False
+    param_dtype: Any = np.float32
 
 
 # --- CLIP, ViT and tokenizer loaders -----------------------------------------------------------
@@ -153,7 +199,7 @@ _CLIP_VISION_SIDE = (r"vision_model\..*", r"visual_projection\..*")
 
 
 def _load_clip_tower(
-    folder: PathLike, side: str, dtype: Any, remat: bool
+    folder: PathLike, side: str, dtype: Any, remat: bool, options: LoadOptions, attention: str
 ) -> tuple[Any, dict[str, Any]]:
     """One CLIP tower ("text" or "vision"), the other tower's tensors ignored."""
     from idfuse_jax.models import clip
@@ -165,35 +211,47 @@ def _load_clip_tower(
                    "visual_projection", "vision_model.", _CLIP_TEXT_SIDE),
     }[side]  # fmt: skip
     folder = component_dir(folder, component)
-    tensors = read_safetensors(folder)
+    tensors = read_safetensors(folder, TRANSFORMERS_WEIGHTS, options.variant, lazy=options.lazy)
     config = config_cls.from_transformers(
         read_config(folder), with_projection=f"{projection}.weight" in tensors, where=str(folder)
     )
-    module = module_cls(config, dtype=dtype, remat=remat)
+    module = module_cls(config, dtype=dtype, remat=remat, attention=attention)
     params = convert_state_dict(
         tensors,
         abstract_params(module),
         where=str(folder),
         rename=_strip_prefix(prefix),
         ignore=_CLIP_BUFFERS + other,
+        dtype=options.param_dtype,
     )
     return module, params
 
 
 def load_clip_text(
-    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+    folder: PathLike,
+    *,
+    dtype: Any = np.float32,
+    remat: bool = False,
+    options: LoadOptions = LoadOptions(),
+    attention: str = "auto",
 ) -> tuple[Any, dict[str, Any]]:
     """(CLIPTextTransformer, float32 numpy params) from a transformers text-encoder folder.
 
     Accepts CLIPTextModel, CLIPTextModelWithProjection and full CLIPModel folders, or a diffusers
     pipeline folder (its text_encoder/). The projection is built when the weights hold
-    `text_projection.weight`. `dtype` is the module's compute dtype.
+    `text_projection.weight`. `dtype` is the module's compute dtype, `attention` its attention
+    implementation (`models.attention.IMPLEMENTATIONS`, as for every loader here).
     """
-    return _load_clip_tower(folder, "text", dtype, remat)
+    return _load_clip_tower(folder, "text", dtype, remat, options, attention)
 
 
 def load_clip_vision(
-    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+    folder: PathLike,
+    *,
+    dtype: Any = np.float32,
+    remat: bool = False,
+    options: LoadOptions = LoadOptions(),
+    attention: str = "auto",
 ) -> tuple[Any, dict[str, Any]]:
     """(CLIPVisionTransformer, float32 numpy params) from a transformers image-encoder folder.
 
@@ -201,11 +259,11 @@ def load_clip_vision(
     side is ignored), or a diffusers pipeline folder (its image_encoder/). The projection is
     built when the weights hold `visual_projection.weight`.
     """
-    return _load_clip_tower(folder, "vision", dtype, remat)
+    return _load_clip_tower(folder, "vision", dtype, remat, options, attention)
 
 
 def load_vit(
-    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, attention: str = "auto"
 ) -> tuple[Any, dict[str, Any]]:
     """(ViTModel, float32 numpy params) from a transformers ViTModel folder (e.g. DINO ViT-S/16).
 
@@ -215,9 +273,9 @@ def load_vit(
     from idfuse_jax.models.vit import ViTConfig, ViTModel
 
     folder = pathlib.Path(folder)
-    tensors = read_safetensors(folder)
+    tensors = read_safetensors(folder, TRANSFORMERS_WEIGHTS)
     config = ViTConfig.from_transformers(read_config(folder), where=str(folder))
-    module = ViTModel(config, dtype=dtype, remat=remat)
+    module = ViTModel(config, dtype=dtype, remat=remat, attention=attention)
     params = convert_state_dict(
         tensors,
         abstract_params(module),
@@ -247,7 +305,14 @@ def _rename_legacy_vae_attention(key: str) -> str:
     return f"{m[1]}.{_LEGACY_VAE_ATTENTION[m[2]]}.{m[3]}" if m else key
 
 
-def load_unet(folder: PathLike, *, dtype: Any = np.float32, remat: bool = False) -> tuple[Any, Any]:
+def load_unet(
+    folder: PathLike,
+    *,
+    dtype: Any = np.float32,
+    remat: bool = False,
+    options: LoadOptions = LoadOptions(),
+    attention: str = "auto",
+) -> tuple[Any, Any]:
     """A diffusers UNet2DConditionModel folder (or pipeline folder) -> (model, float32 params).
 
     The params are host (numpy) arrays, so the caller chooses their device placement/sharding.
@@ -256,22 +321,32 @@ def load_unet(folder: PathLike, *, dtype: Any = np.float32, remat: bool = False)
 
     folder = component_dir(folder, "unet")
     config = unet_lib.UNetConfig.from_diffusers(read_config(folder), where=str(folder))
-    model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat)
-    params = convert_state_dict(read_safetensors(folder), abstract_params(model), where=str(folder))
+    model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat, attention=attention)
+    tensors = read_safetensors(folder, DIFFUSERS_WEIGHTS, options.variant, lazy=options.lazy)
+    params = convert_state_dict(
+        tensors, abstract_params(model), where=str(folder), dtype=options.param_dtype
+    )
     return model, params
 
 
-def load_vae(folder: PathLike, *, dtype: Any = np.float32) -> tuple[Any, Any]:
+def load_vae(
+    folder: PathLike,
+    *,
+    dtype: Any = np.float32,
+    options: LoadOptions = LoadOptions(),
+    attention: str = "auto",
+) -> tuple[Any, Any]:
     """A diffusers AutoencoderKL folder (or pipeline folder) -> (model, float32 params)."""
     from idfuse_jax.models import vae as vae_lib  # models import this module
 
     folder = component_dir(folder, "vae")
     config = vae_lib.VAEConfig.from_diffusers(read_config(folder), where=str(folder))
-    model = vae_lib.AutoencoderKL(config, dtype=dtype)
+    model = vae_lib.AutoencoderKL(config, dtype=dtype, attention=attention)
     params = convert_state_dict(
-        read_safetensors(folder),
+        read_safetensors(folder, DIFFUSERS_WEIGHTS, options.variant, lazy=options.lazy),
         abstract_params(model),
         where=str(folder),
         rename=_rename_legacy_vae_attention,
+        dtype=options.param_dtype,
     )
     return model, params

@@ -261,7 +261,7 @@ def test_config_refusals():
     with pytest.raises(weights.WeightsError, match=r"unsupported attention_dropout=0\.1"):
         clip.CLIPTextConfig.from_transformers({**SD1_TEXT_CONFIG, "attention_dropout": 0.1},
                                               with_projection=False)  # fmt: skip
-    with pytest.raises(weights.WeightsError, match=r"unsupported config keys \['rope_theta'\]"):
+    with pytest.raises(weights.WeightsError, match=r"unsupported config keys: rope_theta="):
         clip.CLIPTextConfig.from_transformers({**SD1_TEXT_CONFIG, "rope_theta": 1e4},
                                               with_projection=False)  # fmt: skip
     with pytest.raises(weights.WeightsError, match=r"unsupported image_size=\[16, 8\]"):

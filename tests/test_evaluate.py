@@ -202,7 +202,7 @@ def test_wrong_metric_folders_are_refused(metric_dirs, tmp_path):
         encoders.load_dino(clip_dir)
     with pytest.raises(WeightsError, match=rf"--clip {dino_dir}: not a transformers CLIPModel"):
         encoders.load_clip(dino_dir)
-    message = rf"^--clip {tmp_path}: not a transformers CLIPModel folder \(no \*\.safetensors"
+    message = rf"^--clip {tmp_path}: not a transformers CLIPModel folder \(no model\.safetensors"
     with pytest.raises(WeightsError, match=message):
         encoders.load_clip(tmp_path)
 

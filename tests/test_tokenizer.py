@@ -3,6 +3,8 @@
 import collections
 import itertools
 import json
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -148,3 +150,41 @@ def test_byte_tokenizer():
     assert ids[2].tolist() == [256, 257] + [258] * 6
     assert tok.vocab_size == 259 and tok.model_max_length == 8
     assert tok("hé").tolist() == ids[:1].tolist()
+
+
+CONFIGS = pathlib.Path(__file__).parent / "data" / "configs"
+
+
+@pytest.mark.parametrize(
+    "repo",
+    [
+        "runwayml/stable-diffusion-v1-5",
+        "stabilityai/stable-diffusion-2-1-base",
+        "stabilityai/stable-diffusion-2-1",
+        "added_tokens_decoder",
+    ],
+)
+def test_special_tokens_resolve_as_in_transformers(tmp_path, repo):
+    """The hub's tokenizer/ JSON files as published: SD 2 pads with "!" (the map's) although its
+    tokenizer_config.json says <|endoftext|>; a config with added_tokens_decoder wins instead."""
+    folder = write_tokenizer(tmp_path / "tokenizer", pad_token="<|endoftext|>")
+    vocab = json.loads((folder / "vocab.json").read_text())
+    if repo == "added_tokens_decoder":  # the layout transformers >= 4.34 saves
+        (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["added_tokens_decoder"] = {
+            str(vocab[t]): {"content": t, "lstrip": False, "normalized": True, "rstrip": False,
+                            "single_word": False, "special": True}
+            for t in ("<|startoftext|>", "<|endoftext|>")
+        }  # fmt: skip
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        expected_pad = "<|endoftext|>"
+    else:
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            shutil.copy(CONFIGS / repo / "tokenizer" / name, folder / name)
+        expected_pad = "!" if "stable-diffusion-2" in repo else "<|endoftext|>"
+    ours = CLIPTokenizer.from_folder(folder)
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    assert ours.pad_token_id == reference.pad_token_id == vocab[expected_pad]
+    assert ours.eos_token_id == reference.eos_token_id == vocab["<|endoftext|>"]
+    np.testing.assert_array_equal(ours(PROMPTS[:4]), reference_ids(folder, PROMPTS[:4]))

@@ -204,6 +204,19 @@ def test_sharded_mesh_matches_one_device(three_steps_sharded, tmp_path):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+def test_batch_size_one_trains_on_one_device(tmp_path):
+    """The paper's recipe (batch 1), through the CLI; a mesh it cannot split is one line."""
+    one = ("--config.train.batch_size=1", "--config.mesh.data=1", "--config.mesh.fsdp=1")
+    ok(train(tmp_path / "one", *SHORT, *one, devices=1))
+    rows = metrics(tmp_path / "one")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "one" / "idfuse_weights.safetensors").is_file()
+    result = train(tmp_path / "eight", *SHORT, "--config.train.batch_size=1", devices=8)
+    assert result.returncode == 1
+    assert "train.batch_size=1 is not divisible by the 8 devices" in last_error_line(result)
+
+
 def test_sigterm_saves_and_rerun_continues(tmp_path):
     process = subprocess.Popen(
         _command(

@@ -157,18 +157,20 @@ def multi_head_attention(
     qkv_bias: bool,
     upcast: bool,
     dtype: Dtype,
+    attention: str = "auto",
 ) -> jax.Array:
     """Projections to_q/to_k/to_v, attention, to_out_0, created in the calling module's scope.
 
     Call it inside an `nn.compact` method: the projections become that module's children, as
-    in diffusers where they sit directly under the attention module.
+    in diffusers where they sit directly under the attention module. `attention` names the
+    implementation (`idfuse_jax.models.attention.IMPLEMENTATIONS`).
     """
     inner = heads * head_dim
     q, k, v = (
         split_heads(dense(inner, name=name, dtype=dtype, use_bias=qkv_bias)(src), heads)
         for name, src in (("to_q", x), ("to_k", context), ("to_v", context))
     )
-    out = merge_heads(dot_product_attention(q, k, v, upcast=upcast))
+    out = merge_heads(dot_product_attention(q, k, v, upcast=upcast, implementation=attention))
     return dense(x.shape[-1], name="to_out_0", dtype=dtype)(out)
 
 
@@ -183,6 +185,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -194,6 +197,7 @@ class Attention(nn.Module):
             qkv_bias=self.qkv_bias,
             upcast=self.upcast,
             dtype=self.dtype,
+            attention=self.attention,
         )
 
 
@@ -229,12 +233,18 @@ class BasicTransformerBlock(nn.Module):
     head_dim: int
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         def attn(name: str) -> Attention:
             return Attention(
-                self.heads, self.head_dim, upcast=self.upcast_attention, dtype=self.dtype, name=name
+                self.heads,
+                self.head_dim,
+                upcast=self.upcast_attention,
+                dtype=self.dtype,
+                attention=self.attention,
+                name=name,
             )
 
         x = x + attn("attn1")(layer_norm(name="norm1", dtype=self.dtype)(x))
@@ -258,6 +268,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -278,6 +289,7 @@ class Transformer2DModel(nn.Module):
                 self.head_dim,
                 self.upcast_attention,
                 self.dtype,
+                self.attention,
                 name=f"transformer_blocks_{i}",
             )(h, context)
         h = projection(channels, "proj_out")(h.reshape(b, height, width, inner))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idfuse_jax.errors import WeightsError
-from idfuse_jax.formats import check_config_keys, require_value
+from idfuse_jax.formats import TRANSFORMERS_GENERIC_KEYS, check_config_keys, require_value
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
 from idfuse_jax.models.image_stats import CLIP_MEAN, CLIP_STD
 
@@ -43,26 +43,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
-
-# PretrainedConfig keys that do not change what an encoder computes (names, versions, generation
-# and output options, init scales, label maps, token ids other than EOS).
-HF_INERT_KEYS = frozenset(
-    {
-        "architectures", "transformers_version", "torch_dtype", "dtype", "name_or_path",
-        "initializer_range", "initializer_factor", "id2label", "label2id", "num_labels",
-        "problem_type", "finetuning_task", "return_dict", "output_hidden_states",
-        "output_attentions", "torchscript", "use_bfloat16", "tokenizer_class", "prefix",
-        "task_specific_params", "bos_token_id", "pad_token_id", "sep_token_id",
-        "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id", "max_length",
-        "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-        "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-        "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-        "num_return_sequences", "output_scores", "return_dict_in_generate",
-        "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-        "begin_suppress_tokens", "chunk_size_feed_forward", "tie_word_embeddings",
-        "tie_encoder_decoder", "cross_attention_hidden_size", "tf_legacy_loss", "use_cache",
-    }
-)  # fmt: skip
 
 # Keys transformers writes whose default is harmless but whose other values we do not implement.
 HF_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
@@ -92,7 +72,7 @@ def check_transformers_config(
     check_config_keys(
         config,
         set(implemented) | set(HF_DEFAULT_ONLY) | {"model_type"},
-        set(HF_INERT_KEYS) | set(extra_inert),
+        TRANSFORMERS_GENERIC_KEYS | set(extra_inert),
         where=where,
     )
     for key, allowed in HF_DEFAULT_ONLY.items():
@@ -262,6 +242,7 @@ class CLIPAttention(nn.Module):
     num_heads: int
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -269,7 +250,7 @@ class CLIPAttention(nn.Module):
             split_heads(dense(self.hidden_size, name, self.dtype)(x), self.num_heads)
             for name in ("q_proj", "k_proj", "v_proj")
         )
-        out = dot_product_attention(q, k, v, is_causal=self.causal)
+        out = dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attention)
         return dense(self.hidden_size, "out_proj", self.dtype)(merge_heads(out))
 
 
@@ -291,13 +272,19 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig | CLIPVisionConfig
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         h = layer_norm(x, c.layer_norm_eps, "layer_norm1", self.dtype)
         x = x + CLIPAttention(
-            c.hidden_size, c.num_attention_heads, self.causal, self.dtype, name="self_attn"
+            c.hidden_size,
+            c.num_attention_heads,
+            self.causal,
+            self.dtype,
+            self.attention,
+            name="self_attn",
         )(h)
         h = layer_norm(x, c.layer_norm_eps, "layer_norm2", self.dtype)
         return x + CLIPMLP(
@@ -315,13 +302,16 @@ class CLIPEncoder(nn.Module):
     config: CLIPTextConfig | CLIPVisionConfig
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
     remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, self.causal, self.dtype, name=f"layers_{i}")(x)
+            x = layer_cls(self.config, self.causal, self.dtype, self.attention, name=f"layers_{i}")(
+                x
+            )
         return x
 
 
@@ -376,6 +366,7 @@ class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # models.attention.IMPLEMENTATIONS
 
     def example_inputs(self) -> tuple[jax.Array]:
         """A dummy input of the right shape and dtype, for init / eval_shape."""
@@ -392,7 +383,14 @@ class CLIPTextTransformer(nn.Module):
                 f"{c.max_position_embeddings}"
             )
         x = CLIPTextEmbeddings(c, name="embeddings")(input_ids).astype(self.dtype)
-        x = CLIPEncoder(c, causal=True, dtype=self.dtype, remat=self.remat, name="encoder")(x)
+        x = CLIPEncoder(
+            c,
+            causal=True,
+            dtype=self.dtype,
+            remat=self.remat,
+            attention=self.attention,
+            name="encoder",
+        )(x)
         x = layer_norm(x, c.layer_norm_eps, "final_layer_norm", self.dtype)
         pooled = x[jnp.arange(x.shape[0]), eos_positions(input_ids, c.eos_token_id)]
         embeds = None
@@ -458,6 +456,7 @@ class CLIPVisionTransformer(nn.Module):
     config: CLIPVisionConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # models.attention.IMPLEMENTATIONS
 
     def example_inputs(self) -> tuple[jax.Array]:
         """A dummy input of the right shape and dtype, for init / eval_shape."""
@@ -470,7 +469,14 @@ class CLIPVisionTransformer(nn.Module):
         check_image_input(pixels, c.image_size, c.num_channels)
         x = CLIPVisionEmbeddings(c, self.dtype, name="embeddings")(pixels)
         x = layer_norm(x, c.layer_norm_eps, "pre_layrnorm", self.dtype)  # sic, transformers' name
-        x = CLIPEncoder(c, causal=False, dtype=self.dtype, remat=self.remat, name="encoder")(x)
+        x = CLIPEncoder(
+            c,
+            causal=False,
+            dtype=self.dtype,
+            remat=self.remat,
+            attention=self.attention,
+            name="encoder",
+        )(x)
         pooled = layer_norm(x[:, 0], c.layer_norm_eps, "post_layernorm", self.dtype)
         embeds = None
         if c.projection_dim is not None:

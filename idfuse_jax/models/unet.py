@@ -202,7 +202,9 @@ _REMAT_TRANSFORMER = nn.remat(Transformer2DModel)
 _REMAT_RESNET = nn.remat(ResnetBlock2D)
 
 
-def _attention(cfg: UNetConfig, block: int, name: str, remat: bool, dtype: Dtype) -> nn.Module:
+def _attention(
+    cfg: UNetConfig, block: int, name: str, remat: bool, dtype: Dtype, attention: str
+) -> nn.Module:
     """The Transformer2DModel of down block `block` (or the up/mid block at its resolution)."""
     cls = _REMAT_TRANSFORMER if remat else Transformer2DModel
     channels, heads = cfg.block_out_channels[block], cfg.heads[block]
@@ -214,6 +216,7 @@ def _attention(cfg: UNetConfig, block: int, name: str, remat: bool, dtype: Dtype
         use_linear_projection=cfg.use_linear_projection,
         upcast_attention=cfg.upcast_attention,
         dtype=dtype,
+        attention=attention,
         name=name,
     )
 
@@ -239,6 +242,7 @@ class DownBlock(nn.Module):
     index: int
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -251,7 +255,9 @@ class DownBlock(nn.Module):
         for j in range(cfg.layers[i]):
             x = _resnet(cfg, i, f"resnets_{j}", self.remat, self.dtype)(x, temb)
             if cross:
-                x = _attention(cfg, i, f"attentions_{j}", self.remat, self.dtype)(x, context)
+                x = _attention(cfg, i, f"attentions_{j}", self.remat, self.dtype, self.attention)(
+                    x, context
+                )
             skips.append(x)
         if i < cfg.num_blocks - 1:
             x = Downsample2D(channels, cfg.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -265,6 +271,7 @@ class MidBlock(nn.Module):
     config: UNetConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
@@ -277,7 +284,9 @@ class MidBlock(nn.Module):
             )
 
         x = resnet(0)(x, temb)
-        x = _attention(cfg, last, "attentions_0", self.remat, self.dtype)(x, context)
+        x = _attention(cfg, last, "attentions_0", self.remat, self.dtype, self.attention)(
+            x, context
+        )
         return resnet(1)(x, temb)
 
 
@@ -288,6 +297,7 @@ class UpBlock(nn.Module):
     index: int
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -306,7 +316,9 @@ class UpBlock(nn.Module):
             x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
             x = _resnet(cfg, rev, f"resnets_{j}", self.remat, self.dtype)(x, temb)
             if cross:
-                x = _attention(cfg, rev, f"attentions_{j}", self.remat, self.dtype)(x, context)
+                x = _attention(cfg, rev, f"attentions_{j}", self.remat, self.dtype, self.attention)(
+                    x, context
+                )
         if upsample_size is not None:
             x = Upsample2D(cfg.block_out_channels[rev], self.dtype, name="upsamplers_0")(
                 x, upsample_size
@@ -321,11 +333,13 @@ class UNet2DConditionModel(nn.Module):
       config: the architecture.
       dtype: compute dtype (parameters stay float32); the output comes back in it.
       remat: rematerialise resnet and transformer blocks in the backward pass (saves memory).
+      attention: the attention implementation (`models.attention.IMPLEMENTATIONS`).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     def example_inputs(self) -> tuple[jax.Array, ...]:
         """Small dummy inputs for init / eval_shape (parameters do not depend on their size)."""
@@ -365,17 +379,19 @@ class UNet2DConditionModel(nn.Module):
         x = conv(base, cfg.conv_in_kernel, name="conv_in", dtype=self.dtype)(sample)
         skips: list[jax.Array] = [x]
         for i in range(cfg.num_blocks):
-            x, res = DownBlock(cfg, i, self.dtype, self.remat, name=f"down_blocks_{i}")(
-                x, temb, context
-            )
+            x, res = DownBlock(
+                cfg, i, self.dtype, self.remat, self.attention, name=f"down_blocks_{i}"
+            )(x, temb, context)
             skips.extend(res)
-        x = MidBlock(cfg, self.dtype, self.remat, name="mid_block")(x, temb, context)
+        x = MidBlock(cfg, self.dtype, self.remat, self.attention, name="mid_block")(
+            x, temb, context
+        )
         for i in range(cfg.num_blocks):
             n = cfg.layers[cfg.num_blocks - 1 - i] + 1
             res, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: x2 normally, and right for odd sizes too.
             size = tuple(skips[-1].shape[1:3]) if i < cfg.num_blocks - 1 else None
-            x = UpBlock(cfg, i, self.dtype, self.remat, name=f"up_blocks_{i}")(
+            x = UpBlock(cfg, i, self.dtype, self.remat, self.attention, name=f"up_blocks_{i}")(
                 x, res, temb, context, size
             )
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="conv_norm_out")(x)

@@ -101,6 +101,7 @@ class SpatialSelfAttention(nn.Module):
 
     num_groups: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -109,7 +110,14 @@ class SpatialSelfAttention(nn.Module):
         h = h.reshape(b, height * width, channels)
         # upcast: diffusers builds this attention with upcast_softmax=True.
         h = multi_head_attention(
-            h, h, heads=1, head_dim=channels, qkv_bias=True, upcast=True, dtype=self.dtype
+            h,
+            h,
+            heads=1,
+            head_dim=channels,
+            qkv_bias=True,
+            upcast=True,
+            dtype=self.dtype,
+            attention=self.attention,
         )
         return h.reshape(x.shape) + x.astype(h.dtype)
 
@@ -121,6 +129,7 @@ class VAEMidBlock(nn.Module):
     num_groups: int
     add_attention: bool = True
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -131,7 +140,9 @@ class VAEMidBlock(nn.Module):
 
         x = resnet(0)(x)
         if self.add_attention:
-            x = SpatialSelfAttention(self.num_groups, self.dtype, name="attentions_0")(x)
+            x = SpatialSelfAttention(
+                self.num_groups, self.dtype, self.attention, name="attentions_0"
+            )(x)
         return resnet(1)(x)
 
 
@@ -164,6 +175,7 @@ class Encoder(nn.Module):
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -185,6 +197,7 @@ class Encoder(nn.Module):
             cfg.norm_num_groups,
             cfg.mid_block_add_attention,
             self.dtype,
+            self.attention,
             name="mid_block",
         )(x)
         x = GroupNorm(cfg.norm_num_groups, _EPS, self.dtype, name="conv_norm_out")(x)
@@ -196,6 +209,7 @@ class Decoder(nn.Module):
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -207,6 +221,7 @@ class Decoder(nn.Module):
             cfg.norm_num_groups,
             cfg.mid_block_add_attention,
             self.dtype,
+            self.attention,
             name="mid_block",
         )(x)
         for i, channels in enumerate(widths):
@@ -229,15 +244,17 @@ class AutoencoderKL(nn.Module):
     Attributes:
       config: the architecture.
       dtype: compute dtype (parameters stay float32).
+      attention: the mid-block attention's implementation (`models.attention.IMPLEMENTATIONS`).
     """
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     def setup(self) -> None:
         cfg = self.config
-        self.encoder = Encoder(cfg, self.dtype)
-        self.decoder = Decoder(cfg, self.dtype)
+        self.encoder = Encoder(cfg, self.dtype, self.attention)
+        self.decoder = Decoder(cfg, self.dtype, self.attention)
         if cfg.use_quant_conv:
             self.quant_conv = conv(2 * cfg.latent_channels, 1, name=None, dtype=self.dtype)
         if cfg.use_post_quant_conv:

@@ -98,6 +98,7 @@ class ViTSelfAttention(nn.Module):
 
     config: ViTConfig
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,7 +112,7 @@ class ViTSelfAttention(nn.Module):
         )
         if self.is_mutable_collection("intermediates"):  # asked for by `cls_attention`
             self.sow("intermediates", "cls_attention", _cls_attention_row(q, k))
-        return merge_heads(dot_product_attention(q, k, v))
+        return merge_heads(dot_product_attention(q, k, v, implementation=self.attention))
 
 
 def _cls_attention_row(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -124,10 +125,11 @@ def _cls_attention_row(q: jax.Array, k: jax.Array) -> jax.Array:
 class ViTAttention(nn.Module):
     config: ViTConfig
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = ViTSelfAttention(self.config, self.dtype, name="attention")(x)
+        x = ViTSelfAttention(self.config, self.dtype, self.attention, name="attention")(x)
         return _DenseBlock(self.config.hidden_size, self.dtype, name="output")(x)
 
 
@@ -136,12 +138,13 @@ class ViTLayer(nn.Module):
 
     config: ViTConfig
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         h = layer_norm(x, c.layer_norm_eps, "layernorm_before", self.dtype)
-        x = x + ViTAttention(c, self.dtype, name="attention")(h)
+        x = x + ViTAttention(c, self.dtype, self.attention, name="attention")(h)
         h = layer_norm(x, c.layer_norm_eps, "layernorm_after", self.dtype)
         h = _DenseBlock(c.intermediate_size, self.dtype, name="intermediate")(h)
         return x + _DenseBlock(c.hidden_size, self.dtype, name="output")(
@@ -155,12 +158,13 @@ class ViTEncoder(nn.Module):
     config: ViTConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # models.attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         layer_cls = nn.remat(ViTLayer) if self.remat else ViTLayer
         for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, self.dtype, name=f"layer_{i}")(x)
+            x = layer_cls(self.config, self.dtype, self.attention, name=f"layer_{i}")(x)
         return x
 
 
@@ -220,6 +224,7 @@ class ViTModel(nn.Module):
     config: ViTConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"  # models.attention.IMPLEMENTATIONS
 
     def example_inputs(self) -> tuple[jax.Array]:
         """A dummy input of the right shape and dtype, for init / eval_shape."""
@@ -231,7 +236,7 @@ class ViTModel(nn.Module):
         c = self.config
         check_image_input(pixels, c.image_size, c.num_channels)
         x = ViTEmbeddings(c, self.dtype, name="embeddings")(pixels)
-        x = ViTEncoder(c, self.dtype, self.remat, name="encoder")(x)
+        x = ViTEncoder(c, self.dtype, self.remat, self.attention, name="encoder")(x)
         x = layer_norm(x, c.layer_norm_eps, "layernorm", self.dtype)
         return ViTOutput(last_hidden_state=x, cls=x[:, 0])
 
