@@ -1,4 +1,5 @@
-"""Building blocks shared by the UNet and the VAE, numerically matching diffusers' PyTorch modules.
+"""Building blocks shared by the UNet and the VAE (`dense` also by CLIP and ViT), numerically
+matching diffusers' PyTorch modules.
 
 Layout is NHWC. Submodule names follow diffusers' state-dict names (`to_out_0`, `net_0/proj`)
 so that `idfuse_jax.weights.convert_state_dict` maps weights by its generic rule. Every module

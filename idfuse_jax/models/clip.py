@@ -29,6 +29,7 @@ import numpy as np
 from idfuse_jax.errors import WeightsError
 from idfuse_jax.formats import TRANSFORMERS_GENERIC_KEYS, check_config_keys, require_value
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
+from idfuse_jax.models.blocks import dense
 from idfuse_jax.models.image_stats import CLIP_MEAN, CLIP_STD
 
 
@@ -226,13 +227,9 @@ class CLIPVisionConfig:
         return config_from_dict(cls, values, where)
 
 
-def layer_norm(x: jax.Array, eps: float, name: str, dtype: Any) -> jax.Array:
+def float32_layer_norm(x: jax.Array, eps: float, name: str, dtype: Any) -> jax.Array:
     """A LayerNorm computed in float32 whatever the compute dtype (call inside nn.compact)."""
     return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)(x).astype(dtype)
-
-
-def dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class CLIPAttention(nn.Module):
@@ -247,11 +244,11 @@ class CLIPAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = (
-            split_heads(dense(self.hidden_size, name, self.dtype)(x), self.num_heads)
+            split_heads(dense(self.hidden_size, name=name, dtype=self.dtype)(x), self.num_heads)
             for name in ("q_proj", "k_proj", "v_proj")
         )
         out = dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attention)
-        return dense(self.hidden_size, "out_proj", self.dtype)(merge_heads(out))
+        return dense(self.hidden_size, name="out_proj", dtype=self.dtype)(merge_heads(out))
 
 
 class CLIPMLP(nn.Module):
@@ -262,8 +259,10 @@ class CLIPMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = ACTIVATIONS[self.hidden_act](dense(self.intermediate_size, "fc1", self.dtype)(x))
-        return dense(self.hidden_size, "fc2", self.dtype)(x)
+        x = ACTIVATIONS[self.hidden_act](
+            dense(self.intermediate_size, name="fc1", dtype=self.dtype)(x)
+        )
+        return dense(self.hidden_size, name="fc2", dtype=self.dtype)(x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -277,7 +276,7 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        h = layer_norm(x, c.layer_norm_eps, "layer_norm1", self.dtype)
+        h = float32_layer_norm(x, c.layer_norm_eps, "layer_norm1", self.dtype)
         x = x + CLIPAttention(
             c.hidden_size,
             c.num_attention_heads,
@@ -286,7 +285,7 @@ class CLIPEncoderLayer(nn.Module):
             self.attention,
             name="self_attn",
         )(h)
-        h = layer_norm(x, c.layer_norm_eps, "layer_norm2", self.dtype)
+        h = float32_layer_norm(x, c.layer_norm_eps, "layer_norm2", self.dtype)
         return x + CLIPMLP(
             c.hidden_size, c.intermediate_size, c.hidden_act, self.dtype, name="mlp"
         )(h)
@@ -391,11 +390,13 @@ class CLIPTextTransformer(nn.Module):
             attention=self.attention,
             name="encoder",
         )(x)
-        x = layer_norm(x, c.layer_norm_eps, "final_layer_norm", self.dtype)
+        x = float32_layer_norm(x, c.layer_norm_eps, "final_layer_norm", self.dtype)
         pooled = x[jnp.arange(x.shape[0]), eos_positions(input_ids, c.eos_token_id)]
         embeds = None
         if c.projection_dim is not None:
-            embeds = dense(c.projection_dim, "text_projection", self.dtype, use_bias=False)(pooled)
+            embeds = dense(
+                c.projection_dim, name="text_projection", dtype=self.dtype, use_bias=False
+            )(pooled)
         return CLIPTextOutput(last_hidden_state=x, pooled=pooled, text_embeds=embeds)
 
 
@@ -468,7 +469,9 @@ class CLIPVisionTransformer(nn.Module):
         c = self.config
         check_image_input(pixels, c.image_size, c.num_channels)
         x = CLIPVisionEmbeddings(c, self.dtype, name="embeddings")(pixels)
-        x = layer_norm(x, c.layer_norm_eps, "pre_layrnorm", self.dtype)  # sic, transformers' name
+        x = float32_layer_norm(
+            x, c.layer_norm_eps, "pre_layrnorm", self.dtype
+        )  # sic, transformers' name
         x = CLIPEncoder(
             c,
             causal=False,
@@ -477,12 +480,12 @@ class CLIPVisionTransformer(nn.Module):
             attention=self.attention,
             name="encoder",
         )(x)
-        pooled = layer_norm(x[:, 0], c.layer_norm_eps, "post_layernorm", self.dtype)
+        pooled = float32_layer_norm(x[:, 0], c.layer_norm_eps, "post_layernorm", self.dtype)
         embeds = None
         if c.projection_dim is not None:
-            embeds = dense(c.projection_dim, "visual_projection", self.dtype, use_bias=False)(
-                pooled
-            )
+            embeds = dense(
+                c.projection_dim, name="visual_projection", dtype=self.dtype, use_bias=False
+            )(pooled)
         return CLIPVisionOutput(last_hidden_state=x, pooled=pooled, image_embeds=embeds)
 
 

@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
+from idfuse_jax.models.blocks import dense
 from idfuse_jax.models.clip import (
     ACTIVATIONS,
     WeightsError,
     check_image_input,
     check_transformers_config,
     config_from_dict,
-    dense,
-    layer_norm,
+    float32_layer_norm,
     patchify,
     square_size,
     validate_widths,
@@ -90,7 +90,7 @@ class _DenseBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return dense(self.features, "dense", self.dtype)(x)
+        return dense(self.features, name="dense", dtype=self.dtype)(x)
 
 
 class ViTSelfAttention(nn.Module):
@@ -105,7 +105,7 @@ class ViTSelfAttention(nn.Module):
         c = self.config
         q, k, v = (
             split_heads(
-                dense(c.hidden_size, name, self.dtype, use_bias=c.qkv_bias)(x),
+                dense(c.hidden_size, name=name, dtype=self.dtype, use_bias=c.qkv_bias)(x),
                 c.num_attention_heads,
             )
             for name in ("query", "key", "value")
@@ -143,9 +143,9 @@ class ViTLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        h = layer_norm(x, c.layer_norm_eps, "layernorm_before", self.dtype)
+        h = float32_layer_norm(x, c.layer_norm_eps, "layernorm_before", self.dtype)
         x = x + ViTAttention(c, self.dtype, self.attention, name="attention")(h)
-        h = layer_norm(x, c.layer_norm_eps, "layernorm_after", self.dtype)
+        h = float32_layer_norm(x, c.layer_norm_eps, "layernorm_after", self.dtype)
         h = _DenseBlock(c.intermediate_size, self.dtype, name="intermediate")(h)
         return x + _DenseBlock(c.hidden_size, self.dtype, name="output")(
             ACTIVATIONS[c.hidden_act](h)
@@ -237,7 +237,7 @@ class ViTModel(nn.Module):
         check_image_input(pixels, c.image_size, c.num_channels)
         x = ViTEmbeddings(c, self.dtype, name="embeddings")(pixels)
         x = ViTEncoder(c, self.dtype, self.remat, self.attention, name="encoder")(x)
-        x = layer_norm(x, c.layer_norm_eps, "layernorm", self.dtype)
+        x = float32_layer_norm(x, c.layer_norm_eps, "layernorm", self.dtype)
         return ViTOutput(last_hidden_state=x, cls=x[:, 0])
 
 
