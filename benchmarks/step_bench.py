@@ -47,6 +47,7 @@ import transformers
 from bench_models import MIB, Torch, machine, save_and_load
 from diffusers import DDPMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
+from flax import traverse_util
 
 from idfuse_jax import build, config_lib, diffusion, method, metrics, optim, train_lib, weights
 from idfuse_jax.models import attention as attention_lib
@@ -437,13 +438,13 @@ def unet512_memory(dtype: str, attention: str, batch: int = 1) -> tuple[float, f
     )
     model = unet.UNet2DConditionModel(config, dtype=build.DTYPES[dtype], attention=attention)
     params = jax.eval_shape(lambda: weights.init_params(model, jax.random.key(0)))
-    flat = {"/".join(k): v for k, v in _flatten(params).items()}
+    flat = traverse_util.flatten_dict(params, sep="/")
     pattern = re.compile(bench_config(dtype, attention).method.unet_lora_targets)
     train = {k: v for k, v in flat.items() if pattern.fullmatch(k)}
     rest = {k: v for k, v in flat.items() if k not in train}
 
     def loss(train, rest, x, t, c):
-        p = _unflatten({**rest, **train})
+        p = traverse_util.unflatten_dict({**rest, **train}, sep="/")
         return jnp.mean(model.apply({"params": p}, x, t, c).astype(jnp.float32) ** 2)
 
     shapes = (
@@ -455,24 +456,6 @@ def unet512_memory(dtype: str, attention: str, batch: int = 1) -> tuple[float, f
     compiled = jax.jit(jax.grad(loss)).lower(train, rest, *shapes).compile()
     seconds = time.perf_counter() - start
     return compiled.memory_analysis().temp_size_in_bytes / 2**30, seconds
-
-
-def _flatten(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, (*prefix, k)) if isinstance(v, dict) else {(*prefix, k): v})
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 def memory_table(implementations: list[str]) -> None:

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from idfuse_jax import build, diffusion, losses, optim
 from idfuse_jax.errors import ConfigError
@@ -154,30 +155,9 @@ def renamed_key_message(key: str) -> str | None:
     return f"config.{key} was renamed: use config.{new}"
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for dotted, value in flat.items():
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A config dict written by any version of this library, in today's key names."""
-    flat = _flatten(saved)
+    flat = traverse_util.flatten_dict(dict(saved), sep=".")
     for old, new in RENAMED.items():
         if old in flat:
             value = flat.pop(old)
@@ -185,7 +165,7 @@ def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
                 flat.setdefault(new, value)
     for key, value in ADDED.items():
         flat.setdefault(key, value)
-    return _unflatten(flat)
+    return traverse_util.unflatten_dict(flat, sep=".")
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
