@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from idfuse_jax import resources
+from idfuse_jax import resources, sharding
 from idfuse_jax.build import Models
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.data import synthetic
@@ -55,10 +55,9 @@ def subject_images(
             inpaint_model=d.inpaint_model or None,
             min_size=d.min_size,
         )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("prepared subject")
+    # A host barrier, not a device collective: preparing can take minutes on process 0, longer
+    # than CPU collectives wait for a peer.
+    sharding.sync_processes("idfuse_jax: subject prepared")
     subject = images_lib.load_subject(
         d.instance_dir, d.resolution, min_size=d.min_size, prepared_dir=prepared
     )
