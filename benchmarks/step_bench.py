@@ -430,13 +430,17 @@ def report(r: Result, device_kind: str) -> None:
 # Memory of an SD 2.1-base UNet backward at 512 px, from the compiled program alone
 
 
-def unet512_memory(dtype: str, attention: str, batch: int = 1) -> tuple[float, float]:
+def unet512_memory(
+    dtype: str, attention: str, batch: int = 1, remat: bool = False
+) -> tuple[float, float]:
     """(XLA temporaries GiB, compile s) of grad(mean(unet(x)^2)) w.r.t. the attention
     projections (the LoRA targets) of SD 2.1-base at 512 px; lowered and compiled, never run."""
     config = unet.UNetConfig(
         **_SD21_UNET, sample_size=64, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS
     )
-    model = unet.UNet2DConditionModel(config, dtype=build.DTYPES[dtype], attention=attention)
+    model = unet.UNet2DConditionModel(
+        config, dtype=build.DTYPES[dtype], remat=remat, attention=attention
+    )
     params = jax.eval_shape(lambda: weights.init_params(model, jax.random.key(0)))
     flat = traverse_util.flatten_dict(params, sep="/")
     pattern = re.compile(bench_config(dtype, attention).method.unet_lora_targets)
@@ -460,14 +464,16 @@ def unet512_memory(dtype: str, attention: str, batch: int = 1) -> tuple[float, f
 
 def memory_table(implementations: list[str]) -> None:
     print("SD 2.1-base UNet backward at 512 px, batch 1 (compiled, not run): XLA temporaries")
-    print("| attention | float32 GiB | bfloat16 GiB |\n|---|---:|---:|")
-    for name in implementations:
-        cells = []
-        for dtype in ("float32", "bfloat16"):
-            temp, seconds = unet512_memory(dtype, name)
-            cells.append(f"{temp:.2f}")
-            print(f"  ({name} {dtype}: compiled in {seconds:.0f} s)", file=sys.stderr, flush=True)
-        print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
+    print("| attention | model.remat | float32 GiB | bfloat16 GiB |\n|---|---|---:|---:|")
+    for remat in (False, True):
+        for name in implementations:
+            cells = []
+            for dtype in ("float32", "bfloat16"):
+                temp, seconds = unet512_memory(dtype, name, remat=remat)
+                cells.append(f"{temp:.2f}")
+                print(f"  ({name} remat={remat} {dtype}: compiled in {seconds:.0f} s)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            print(f"| {name} | {str(remat).lower()} | {cells[0]} | {cells[1]} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

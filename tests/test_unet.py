@@ -138,7 +138,7 @@ def test_unet_matches_diffusers(cases, name, dtype, bound):
     assert err <= bound
 
 
-def test_remat_gives_the_same_output(cases):
+def test_remat_gives_the_same_output_and_gradients(cases):
     case = cases["sd1"]
     plain, params = weights.load_unet(case.folder)
     remat, remat_params = weights.load_unet(case.folder, remat=True)
@@ -146,6 +146,17 @@ def test_remat_gives_the_same_output(cases):
     np.testing.assert_allclose(
         _run(remat, params, case), _run(plain, params, case), rtol=1e-6, atol=1e-6
     )
+
+    def grads(model: unet_lib.UNet2DConditionModel) -> list[np.ndarray]:
+        def loss(params, sample, context):
+            out = model.apply({"params": params}, sample, case.timesteps, context)
+            return jnp.mean(out**2)
+
+        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, case.sample, case.context)
+        return [np.asarray(x) for x in jax.tree.leaves(g)]
+
+    for got, want in zip(grads(remat), grads(plain), strict=True):
+        assert rel_err(got, want) <= 1e-5
 
 
 def test_pipeline_folder_and_config(cases, tmp_path):

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from idfuse_jax.errors import ConfigError
+from idfuse_jax.models.backward import after
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "tpu_flash")
 # Keys per block of the blockwise kernel. 128 measured fastest on the 2-core CPU at
@@ -143,31 +144,50 @@ def _bnth(x: jax.Array) -> jax.Array:
 
 
 def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool):
-    """Query blocks of QUERY_BLOCK rows one after the other (lax.map), each attending to all keys
-    block by block: every [B, N, QUERY_BLOCK, BLOCK] score tile stays in cache."""
+    """Flash attention over [B, T, N, H] in plain JAX (see `_flash`)."""
     q, k, v = _bnth(q), _bnth(k), _bnth(v)
-    (b, n, tq, h), block = q.shape, min(BLOCK, k.shape[2])
     if mask is not None:
         mask = jnp.broadcast_to(mask, (*mask.shape[:-1], k.shape[2]))
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    rows = jnp.arange(tq) if causal else None
-    if tq <= QUERY_BLOCK:
-        return _bnth(_flash(q, k, v, mask, rows, block))
-    # Padded query rows attend like any other and are cut off; their zero cotangent adds nothing.
-    chunks = -(-tq // QUERY_BLOCK)
-    chunked = lambda x: jnp.moveaxis(
-        _pad_tokens(x, chunks * QUERY_BLOCK - tq).reshape(*x.shape[:2], chunks, QUERY_BLOCK, -1),
-        2,
-        0,
-    )
+    rows = jnp.arange(q.shape[2]) if causal else None
+    return _bnth(_flash(q, k, v, mask, rows, min(BLOCK, k.shape[2])))
+
+
+def _query_chunks(tq: int) -> int:
+    """Number of QUERY_BLOCK-row chunks; 0 when all queries go at once."""
+    return 0 if tq <= QUERY_BLOCK else -(-tq // QUERY_BLOCK)
+
+
+def _chunk_rows(x: jax.Array | None, chunks: int, axis: int = 2) -> jax.Array | None:
+    """[..., T, ...] (T on `axis`) -> [chunks, ..., QUERY_BLOCK, ...], zero-padded; None stays.
+
+    A mask broadcast over rows (size 1 on `axis`) is left whole for every chunk (None returned
+    by the caller's choice, see `_row_inputs`).
+    """
+    if x is None:
+        return None
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, chunks * QUERY_BLOCK - x.shape[axis])
+    x = jnp.pad(x, pad)
+    x = x.reshape(*x.shape[:axis], chunks, QUERY_BLOCK, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _unchunk_rows(x: jax.Array, tq: int, axis: int = 2) -> jax.Array:
+    """Inverse of `_chunk_rows`: [chunks, ..., QUERY_BLOCK, ...] -> [..., tq, ...]."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(x, 0, tq, axis=axis)
+
+
+def _row_inputs(q, mask, rows, chunks: int):
+    """Per-chunk (q, mask, rows); a mask that does not vary by row is passed whole (None here)."""
     per_row_mask = mask is not None and mask.shape[2] > 1
-    xs = (
-        chunked(q),
-        chunked(mask) if per_row_mask else None,
-        None if rows is None else jnp.arange(chunks * QUERY_BLOCK).reshape(chunks, QUERY_BLOCK),
+    return (
+        _chunk_rows(q, chunks),
+        _chunk_rows(mask, chunks) if per_row_mask else None,
+        None if rows is None else _chunk_rows(rows, chunks, axis=0),
     )
-    out = jax.lax.map(lambda x: _flash(x[0], k, v, x[1] if per_row_mask else mask, x[2], block), xs)
-    return _bnth(jnp.moveaxis(out, 0, 2).reshape(b, n, -1, h)[:, :, :tq])
 
 
 def _key_blocks(x: jax.Array, block: int) -> jax.Array:
@@ -246,10 +266,13 @@ def _flash_forward(q, k, v, mask, rows, block: int):
         return (m_new, total, acc * correction[..., None] + pv), None
 
     stats = q.shape[:3]
-    init = (
-        jnp.full(stats, -jnp.inf, jnp.float32),
-        jnp.zeros(stats, jnp.float32),
-        jnp.zeros(q.shape, jnp.float32),
+    init = after(  # made when q exists, not at the program's start
+        q,
+        (
+            jnp.full(stats, -jnp.inf, jnp.float32),
+            jnp.zeros(stats, jnp.float32),
+            jnp.zeros(q.shape, jnp.float32),
+        ),
     )
     xs = (k_blocks, v_blocks, jnp.arange(num_blocks), masks)
     (m, total, acc), _ = _scan_blocks(body, init, xs, num_blocks)
@@ -257,29 +280,82 @@ def _flash_forward(q, k, v, mask, rows, block: int):
     return (acc * inv_l[..., None]).astype(q.dtype), (m, inv_l)
 
 
+def _flash_forward_rows(q, k, v, mask, rows, block: int):
+    """`_flash_forward` over QUERY_BLOCK-row chunks one after the other (lax.map), so that
+    every [B, N, QUERY_BLOCK, BLOCK] score tile stays in cache; statistics [B, N, Tq]."""
+    tq, chunks = q.shape[2], _query_chunks(q.shape[2])
+    if not chunks:
+        return _flash_forward(q, k, v, mask, rows, block)
+    # Padded query rows attend like any other and are cut off.
+    q_c, mask_c, rows_c = _row_inputs(q, mask, rows, chunks)
+
+    def one(xs):
+        out, (m, inv_l) = _flash_forward(
+            xs[0], k, v, mask if mask_c is None else xs[1], xs[2], block
+        )
+        return out, m, inv_l
+
+    out, m, inv_l = jax.lax.map(one, (q_c, mask_c, rows_c))
+    return _unchunk_rows(out, tq), (_unchunk_rows(m, tq), _unchunk_rows(inv_l, tq))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, mask, rows, block: int):
     """Blockwise attention over [B, N, T, H]; `mask` None or boolean [b, n, tq, Tk]; `rows` None
     or, for causal masking, the positions [Tq] of the query rows."""
-    return _flash_forward(q, k, v, mask, rows, block)[0]
+    return _flash_forward_rows(q, k, v, mask, rows, block)[0]
 
 
 def _flash_fwd(q, k, v, mask, rows, block: int):
-    out, stats = _flash_forward(q, k, v, mask, rows, block)
+    out, stats = _flash_forward_rows(q, k, v, mask, rows, block)
     return out, (q, k, v, mask, rows, out, stats)
 
 
 def _flash_bwd(block: int, residuals, d_out):
-    """Recompute each block's probabilities from the saved statistics (flash-attention-2).
+    """dq, dk, dv chunk by chunk of query rows (as in the forward pass), dk and dv summed over
+    the chunks in a loop carry made when d_out arrives (not at the program's start)."""
+    q, k, v, mask, rows, out, (m, inv_l) = residuals
+    tq, tk, chunks = q.shape[2], k.shape[2], _query_chunks(q.shape[2])
+    k_blocks, v_blocks = _key_blocks(k, block), _key_blocks(v, block)
+    if not chunks:
+        dq, dk, dv = _flash_bwd_rows(q, k_blocks, v_blocks, mask, rows, out, m, inv_l, d_out, tk)
+    else:
+        # Padded rows have a zero cotangent: they add nothing to dk and dv.
+        q_c, mask_c, rows_c = _row_inputs(q, mask, rows, chunks)
+        out_c, d_out_c = _chunk_rows(out, chunks), _chunk_rows(d_out, chunks)
+        m_c, inv_l_c = _chunk_rows(m, chunks), _chunk_rows(inv_l, chunks)
+        zeros = jnp.zeros(k_blocks.shape, jnp.float32)
+
+        def one(carry, xs):
+            q_i, mask_i, rows_i, out_i, d_out_i, m_i, inv_l_i = xs
+            mask_i = mask if mask_c is None else mask_i
+            dq_i, dk_i, dv_i = _flash_bwd_rows(
+                q_i, k_blocks, v_blocks, mask_i, rows_i, out_i, m_i, inv_l_i, d_out_i, tk
+            )
+            return (carry[0] + dk_i, carry[1] + dv_i), dq_i
+
+        xs = (q_c, mask_c, rows_c, out_c, d_out_c, m_c, inv_l_c)
+        (dk, dv), dq = jax.lax.scan(one, after(d_out, (zeros, zeros)), xs)
+        dq = _unchunk_rows(dq, tq)
+    return (
+        dq.astype(q.dtype),
+        _unblock(dk, tk).astype(k.dtype),
+        _unblock(dv, tk).astype(v.dtype),
+        None,
+        None,
+    )
+
+
+def _flash_bwd_rows(q, k_blocks, v_blocks, mask, rows, out, m, inv_l, d_out, tk: int):
+    """Recompute each key block's probabilities from the saved statistics (flash-attention-2):
+    float32 dq [B, N, Tq, H] and key-blocked dk, dv [num_blocks, B, N, block, H].
 
     In transposed [B, N, block, Tq] tiles: then dv = p^T do, dk = ds^T q and dp contract over
     the tiles' minor axis, the form XLA's CPU backend hands to XNNPACK (4x faster than
     contracting over the major axis); only dq = ds k does not.
     """
-    q, k, v, mask, rows, out, (m, inv_l) = residuals
-    tk, scale = k.shape[2], q.shape[-1] ** -0.5
-    k_blocks, v_blocks = _key_blocks(k, block), _key_blocks(v, block)
-    num_blocks = k_blocks.shape[0]
+    num_blocks, block = k_blocks.shape[0], k_blocks.shape[-2]
+    scale = q.shape[-1] ** -0.5
     masks = None if mask is None else _key_blocks(jnp.swapaxes(mask, -1, -2), block)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
     by_row = lambda x: x[..., None, :]  # [B, N, Tq] statistics against [B, N, block, Tq] tiles
@@ -301,14 +377,9 @@ def _flash_bwd(block: int, residuals, d_out):
         return dq, (dk, dv)
 
     xs = (k_blocks, v_blocks, jnp.arange(num_blocks), masks)
-    dq, (dk, dv) = _scan_blocks(body, jnp.zeros(q.shape, jnp.float32), xs, num_blocks)
-    return (
-        dq.astype(q.dtype),
-        _unblock(dk, tk).astype(k.dtype),
-        _unblock(dv, tk).astype(v.dtype),
-        None,
-        None,
-    )
+    init = after(d_out, jnp.zeros(q.shape, jnp.float32))
+    dq, (dk, dv) = _scan_blocks(body, init, xs, num_blocks)
+    return dq, dk, dv
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

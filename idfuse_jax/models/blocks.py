@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
+from idfuse_jax.models.backward import conv_general_dilated
 
 Dtype = Any
 PARAM_DTYPE = jnp.float32
@@ -41,12 +42,19 @@ def conv(
         padding=((pad, pad), (pad, pad)),
         dtype=dtype,
         param_dtype=PARAM_DTYPE,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 
 
 def dense(features: int, *, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=PARAM_DTYPE, name=name)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=PARAM_DTYPE,
+        name=name,
+    )
 
 
 def layer_norm(*, name: str, dtype: Dtype, epsilon: float = 1e-5) -> nn.LayerNorm:

@@ -29,6 +29,7 @@ import numpy as np
 from idfuse_jax.errors import WeightsError
 from idfuse_jax.formats import TRANSFORMERS_GENERIC_KEYS, check_config_keys, require_value
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
+from idfuse_jax.models.backward import remat_call
 from idfuse_jax.models.blocks import dense
 from idfuse_jax.models.image_stats import CLIP_MEAN, CLIP_STD
 
@@ -306,11 +307,11 @@ class CLIPEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, self.causal, self.dtype, self.attention, name=f"layers_{i}")(
-                x
+            layer = CLIPEncoderLayer(
+                self.config, self.causal, self.dtype, self.attention, name=f"layers_{i}"
             )
+            x = remat_call(layer, x) if self.remat else layer(x)
         return x
 
 

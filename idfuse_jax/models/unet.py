@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from idfuse_jax.errors import WeightsError
 from idfuse_jax.formats import check_config_keys, require_value
+from idfuse_jax.models.backward import remat_call
 from idfuse_jax.models.blocks import (
     Downsample2D,
     GroupNorm,
@@ -197,18 +198,15 @@ class UNetConfig:
             raise WeightsError(f"{where}: {e}") from None
 
 
-# nn.remat classes made once: Flax keys compiled transforms on the class.
-_REMAT_TRANSFORMER = nn.remat(Transformer2DModel)
-_REMAT_RESNET = nn.remat(ResnetBlock2D)
+def _run(module: nn.Module, remat: bool, *args: jax.Array) -> jax.Array:
+    """`module(*args)`, rematerialised in the backward pass when `remat`."""
+    return remat_call(module, *args) if remat else module(*args)
 
 
-def _attention(
-    cfg: UNetConfig, block: int, name: str, remat: bool, dtype: Dtype, attention: str
-) -> nn.Module:
+def _attention(cfg: UNetConfig, block: int, name: str, dtype: Dtype, attention: str) -> nn.Module:
     """The Transformer2DModel of down block `block` (or the up/mid block at its resolution)."""
-    cls = _REMAT_TRANSFORMER if remat else Transformer2DModel
     channels, heads = cfg.block_out_channels[block], cfg.heads[block]
-    return cls(
+    return Transformer2DModel(
         heads=heads,
         head_dim=channels // heads,
         num_layers=cfg.transformer_layers[block],
@@ -222,10 +220,9 @@ def _attention(
 
 
 def _resnet(
-    cfg: UNetConfig, block: int, name: str, remat: bool, dtype: Dtype, output_scale: float = 1.0
+    cfg: UNetConfig, block: int, name: str, dtype: Dtype, output_scale: float = 1.0
 ) -> nn.Module:
-    cls = _REMAT_RESNET if remat else ResnetBlock2D
-    return cls(
+    return ResnetBlock2D(
         out_channels=cfg.block_out_channels[block],
         num_groups=cfg.norm_num_groups,
         eps=cfg.norm_eps,
@@ -253,11 +250,10 @@ class DownBlock(nn.Module):
         cross = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
         skips = []
         for j in range(cfg.layers[i]):
-            x = _resnet(cfg, i, f"resnets_{j}", self.remat, self.dtype)(x, temb)
+            x = _run(_resnet(cfg, i, f"resnets_{j}", self.dtype), self.remat, x, temb)
             if cross:
-                x = _attention(cfg, i, f"attentions_{j}", self.remat, self.dtype, self.attention)(
-                    x, context
-                )
+                attention = _attention(cfg, i, f"attentions_{j}", self.dtype, self.attention)
+                x = _run(attention, self.remat, x, context)
             skips.append(x)
         if i < cfg.num_blocks - 1:
             x = Downsample2D(channels, cfg.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -278,16 +274,13 @@ class MidBlock(nn.Module):
         cfg = self.config
         last = cfg.num_blocks - 1
 
-        def resnet(j: int) -> nn.Module:
-            return _resnet(
-                cfg, last, f"resnets_{j}", self.remat, self.dtype, cfg.mid_block_scale_factor
-            )
+        def resnet(j: int, h: jax.Array) -> jax.Array:
+            block = _resnet(cfg, last, f"resnets_{j}", self.dtype, cfg.mid_block_scale_factor)
+            return _run(block, self.remat, h, temb)
 
-        x = resnet(0)(x, temb)
-        x = _attention(cfg, last, "attentions_0", self.remat, self.dtype, self.attention)(
-            x, context
-        )
-        return resnet(1)(x, temb)
+        x = resnet(0, x)
+        attention = _attention(cfg, last, "attentions_0", self.dtype, self.attention)
+        return resnet(1, _run(attention, self.remat, x, context))
 
 
 class UpBlock(nn.Module):
@@ -314,11 +307,10 @@ class UpBlock(nn.Module):
         skips = list(skips)
         for j in range(cfg.layers[rev] + 1):
             x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
-            x = _resnet(cfg, rev, f"resnets_{j}", self.remat, self.dtype)(x, temb)
+            x = _run(_resnet(cfg, rev, f"resnets_{j}", self.dtype), self.remat, x, temb)
             if cross:
-                x = _attention(cfg, rev, f"attentions_{j}", self.remat, self.dtype, self.attention)(
-                    x, context
-                )
+                attention = _attention(cfg, rev, f"attentions_{j}", self.dtype, self.attention)
+                x = _run(attention, self.remat, x, context)
         if upsample_size is not None:
             x = Upsample2D(cfg.block_out_channels[rev], self.dtype, name="upsamplers_0")(
                 x, upsample_size

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
+from idfuse_jax.models.backward import remat_call
 from idfuse_jax.models.blocks import dense
 from idfuse_jax.models.clip import (
     ACTIVATIONS,
@@ -162,9 +163,9 @@ class ViTEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        layer_cls = nn.remat(ViTLayer) if self.remat else ViTLayer
         for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, self.dtype, self.attention, name=f"layer_{i}")(x)
+            layer = ViTLayer(self.config, self.dtype, self.attention, name=f"layer_{i}")
+            x = remat_call(layer, x) if self.remat else layer(x)
         return x
 
 
