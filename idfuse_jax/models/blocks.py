@@ -210,6 +210,16 @@ class Attention(nn.Module):
         )
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU in PyTorch's form, x * (1 + erf(x / sqrt(2))) / 2.
+
+    `jax.nn.gelu(approximate=False)` uses erfc, which XLA's CPU backend evaluates with an exp and
+    selects: 2.5x slower forward (1.1 vs 0.45 ms at [4, 1024, 256]). Both are within 1.2e-6 of
+    torch's float32 GELU over [-12, 12].
+    """
+    return x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype))) * 0.5
+
+
 class GEGLU(nn.Module):
     """proj to 2*inner, split into (value, gate), value * gelu(gate) with exact (erf) GELU."""
 
@@ -219,7 +229,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jnp.split(dense(2 * self.inner_dim, name="proj", dtype=self.dtype)(x), 2, -1)
-        return value * nn.gelu(gate, approximate=False)
+        return value * gelu(gate)
 
 
 class FeedForward(nn.Module):

@@ -30,7 +30,7 @@ from idfuse_jax.errors import WeightsError
 from idfuse_jax.formats import TRANSFORMERS_GENERIC_KEYS, check_config_keys, require_value
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
 from idfuse_jax.models.backward import remat_call
-from idfuse_jax.models.blocks import dense
+from idfuse_jax.models.blocks import dense, gelu
 from idfuse_jax.models.image_stats import CLIP_MEAN, CLIP_STD
 
 
@@ -41,7 +41,7 @@ def _quick_gelu(x: jax.Array) -> jax.Array:
 # transformers' ACT2FN names -> functions. "gelu" is the exact (erf) form, as in PyTorch.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": _quick_gelu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
