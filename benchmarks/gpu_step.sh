@@ -2,8 +2,9 @@
 # The training step at SD 2.1-base shapes, 512 px, batch 8, bfloat16, on one GPU, with cuDNN
 # attention on ("cudnn") and off ("xla": materialised; "blockwise": plain-JAX flash), against
 # the PyTorch reference (autocast bfloat16, SDPA). Prints step times, `ratio pytorch/jax`, MFU
-# from the step's model FLOPs against the GPU's peak, and the 512 px UNet backward memory table.
-# Needs jax[cuda] and a CUDA build of torch. About 10 minutes on one H100/H200.
+# from the step's model FLOPs against the GPU's peak, and the 512 px UNet backward memory table
+# (each attention implementation, float32 and bfloat16, model.remat off and on: 12 compiles).
+# Needs jax[cuda] and a CUDA build of torch. About 10-15 minutes on one H100/H200 (not yet run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # PyTorch shares the GPU: no JAX preallocation of 75% of its memory.

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
-from idfuse_jax.models.backward import conv_general_dilated
+from idfuse_jax.models.backward import conv_general_dilated, promote_dtype
 
 Dtype = Any
 PARAM_DTYPE = jnp.float32
@@ -43,6 +43,7 @@ def conv(
         dtype=dtype,
         param_dtype=PARAM_DTYPE,
         conv_general_dilated=conv_general_dilated,
+        promote_dtype=promote_dtype,
         name=name,
     )
 
