@@ -225,11 +225,16 @@ def _features(
         backgrounds = np.concatenate([backgrounds, backgrounds[:, :, ::-1]])
         decouple = np.concatenate([decouple, decouple])
 
-    encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
-    embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
     # One image at a time: a single compiled shape, and memory bounded at 512 px.
-    moments = [encode(frozen["vae"], images_lib.to_model(x[None])) for x in images]
     size = models.image_encoder.config.image_size
+    encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
+    encode = encode.lower(frozen["vae"], images_lib.to_model(images[:1])).compile()
+    embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
+    embed = embed.lower(frozen["image"], clip_pixels(images[:1], size)).compile()
+    # Both are collectives over the mesh: no process may start them while another still
+    # compiles (CPU collectives give up on a peer 30 s late).
+    sharding.sync_processes("idfuse_jax: features compiled")
+    moments = [encode(frozen["vae"], images_lib.to_model(x[None])) for x in images]
     image_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in images]
     background_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in backgrounds]
     (prompt,) = format_prompts(config, [config.data.prompt])

@@ -521,7 +521,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             replicated,
             subject_sharding,
         ),
-        out_shardings=(subject_sharding, subject_sharding),
+        # Metrics whole on every process: each host reads every subject's (a few scalars each).
+        out_shardings=(subject_sharding, replicated),
         donate_argnums=(0,),
     )
 
