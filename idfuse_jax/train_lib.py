@@ -343,10 +343,11 @@ def _format_terms(scalars: dict[str, float]) -> str:
 
 
 def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-    """Refuse to resume with settings that would silently change the data order."""
+    """Refuse to resume with settings that would silently change the data order or the
+    subjects, or from a checkpoint of a version without the subject axis."""
     saved = meta.get("config", {})
     for section, key in (("train", "batch_size"), ("", "seed"), ("data", "subjects")):
-        old = saved.get(section, {}).get(key) if section else saved.get(key)
+        old = saved.get(section, {}).get(key, "") if section else saved.get(key)
         new = config[section][key] if section else config[key]
         if old is not None and old != new:
             name = f"{section}.{key}" if section else key
@@ -354,6 +355,11 @@ def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict) ->
                 f"config.{name}={new} differs from the checkpoint's {old}; resume with the same "
                 "value or use a new --workdir"
             )
+    if "data_iterators" not in meta:
+        raise config_lib.ConfigError(
+            "the checkpoint was written by an older version of idfuse_jax (one subject, no "
+            "subject axis); it cannot be resumed: use a new --workdir"
+        )
 
 
 @dataclasses.dataclass
@@ -524,11 +530,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         index_iterator(f.num_items, config.train.batch_size, config.seed, run.steps)
         for f, run in zip(features, runs, strict=True)
     ]
-    restored = checkpoint.restore_latest(mngr, state)
+    restored = checkpoint.restore_latest(
+        mngr, state, check_meta=lambda meta: _check_resumable(meta, config)
+    )
     start_step = 0
     if restored is not None:
         start_step, state, meta = restored
-        _check_resumable(meta, config)
         for iterator, data_state in zip(iterators, meta["data_iterators"], strict=True):
             iterator.set_state(data_state)
         logging.info("resuming from the checkpoint at step %d in %s", start_step, mngr.directory)
