@@ -69,6 +69,12 @@ flags.DEFINE_string("attention", "auto", "model.attention ('auto': blockwise on 
 flags.DEFINE_bool("remat", False, "model.remat: rematerialise the UNet blocks.")
 flags.DEFINE_integer("resolution", 512, "Training resolution in pixels (latents: / 8).")
 flags.DEFINE_integer("images", IMAGES_PER_SUBJECT, "Training images per subject (with flips).")
+flags.DEFINE_list(
+    "lora",
+    ["unet", "text"],
+    "Models with LoRA (the default targets); leave one out to measure what its merged copies "
+    "cost per subject.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +124,10 @@ def sd21_config(weights_dtype: str) -> Any:
     config.model.attention = flags.FLAGS.attention
     config.model.remat = flags.FLAGS.remat
     config.data.resolution = flags.FLAGS.resolution
+    if "unet" not in flags.FLAGS.lora:
+        config.method.unet_lora_targets = ""
+    if "text" not in flags.FLAGS.lora:
+        config.method.text_lora_targets = ""
     return config
 
 
@@ -267,6 +277,8 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; see --help")
     cases = [Case.parse(text) for text in flags.FLAGS.cases]
+    if set(flags.FLAGS.lora) - {"unet", "text"}:
+        fail(f"--lora {flags.FLAGS.lora}: expected a list of unet, text (or nothing)")
     for dt in flags.FLAGS.weights_dtypes:
         if dt not in build.WEIGHTS_DTYPES or not dt:
             fail(f"--weights_dtypes entry {dt!r}: expected float32 or bfloat16")
@@ -275,7 +287,8 @@ def main(argv: list[str]) -> int:
     f = flags.FLAGS
     print(
         f"SD 2.1-base + ViT-H/14 width, {f.resolution} px, compute {f.dtype}, attention "
-        f"{f.attention}, remat {f.remat}, {f.images} images per subject; jax {jax.__version__}, "
+        f"{f.attention}, remat {f.remat}, LoRA on {','.join(f.lora) or 'nothing'}, {f.images} "
+        f"images per subject; jax {jax.__version__}, "
         f"{jax.device_count()} fake {jax.devices()[0].platform} devices",
         flush=True,
     )
