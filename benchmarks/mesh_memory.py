@@ -7,8 +7,10 @@ setup as `configs/dreambench.py` trains it: SD 2.1-base UNet and OpenCLIP ViT-H/
 adapter and FFM, 512 px (64x64 latents), bfloat16 compute, a batch of 1 per subject. Every
 argument is abstract (`jax.ShapeDtypeStruct`), so nothing is allocated; a mesh of N devices is N
 fake CPU devices. Per case it prints XLA's memory analysis of the compiled per-device program
-(arguments, outputs, temporaries, and the peak they add up to with the donated state aliased)
-and the FLOPs per device from its cost analysis.
+(arguments, outputs, temporaries, and the peak they add up to with the donated state aliased),
+the FLOPs per device of its cost analysis (what the training log reports), and the model FLOPs
+per device (the step lowered with materialised attention, whose FLOPs the cost analysis counts
+in full; `--nocompile` prints these alone, in seconds).
 
   python benchmarks/mesh_memory.py --cases 1x1x1:1,1x1x1:2 --weights_dtypes float32,bfloat16
   python benchmarks/mesh_memory.py --cases 8x1x1:32,32x1x1:32,8x1x4:32:4
@@ -69,6 +71,9 @@ flags.DEFINE_string("attention", "auto", "model.attention ('auto': blockwise on 
 flags.DEFINE_bool("remat", False, "model.remat: rematerialise the UNet blocks.")
 flags.DEFINE_integer("resolution", 512, "Training resolution in pixels (latents: / 8).")
 flags.DEFINE_integer("images", IMAGES_PER_SUBJECT, "Training images per subject (with flips).")
+flags.DEFINE_bool(
+    "compile", True, "Compile each step (memory); --nocompile prints the model FLOPs alone."
+)
 flags.DEFINE_list(
     "lora",
     ["unet", "text"],
@@ -199,8 +204,14 @@ def abstract_subjects(models: build.Models, slots: int, images: int, side: int) 
     )
 
 
-def compile_case(case: Case, weights_dtype: str) -> dict[str, float]:
-    """Compile the job's step for `case`; its per-device memory (GiB), FLOPs and compile s."""
+def _flops(cost: Any) -> float:
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0)) if cost else float("nan")
+
+
+def compile_case(case: Case, weights_dtype: str, compile_step: bool) -> dict[str, float]:
+    """The job's step for `case`: its model TFLOP per device and, when `compile_step`, its
+    per-device memory (GiB), the compiled program's TFLOP per device and compile seconds."""
     config = sd21_config(weights_dtype)
     config.mesh.subject, config.mesh.data, config.mesh.fsdp = case.subject, case.data, case.fsdp
     config.train.batch_size = case.batch
@@ -216,45 +227,59 @@ def compile_case(case: Case, weights_dtype: str) -> dict[str, float]:
     subjects = abstract_subjects(models, case.slots, flags.FLAGS.images, side)
     indices = jax.ShapeDtypeStruct((case.slots, case.batch), jnp.int32)
     num_steps = jax.ShapeDtypeStruct((case.slots,), jnp.int32)
-    # As train_lib.train_and_evaluate jits the step.
+    args = (state, frozen, subjects, indices, key, num_steps)
     per_subject, replicated = sharding.subject_sharding(mesh), sharding.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_lib.subjects_step, models=models, config=config),
-        in_shardings=(
-            per_subject,
-            sharding.fsdp_shardings(frozen, mesh),
-            per_subject,
-            sharding.subject_batch_sharding(mesh),
-            replicated,
-            per_subject,
-        ),
-        out_shardings=(per_subject, per_subject),
-        donate_argnums=(0,),
+
+    def jitted(models: build.Models) -> Any:
+        """The step as train_lib.train_and_evaluate jits it."""
+        return jax.jit(
+            functools.partial(train_lib.subjects_step, models=models, config=config),
+            in_shardings=(
+                per_subject,
+                sharding.fsdp_shardings(frozen, mesh),
+                per_subject,
+                sharding.subject_batch_sharding(mesh),
+                replicated,
+                per_subject,
+            ),
+            out_shardings=(per_subject, per_subject),
+            donate_argnums=(0,),
+        )
+
+    # Model FLOPs: the whole job's step before partitioning, with materialised attention (the
+    # cost analysis counts a blockwise attention's loop bodies once and a fused kernel's custom
+    # call not at all), split evenly over the devices.
+    xla = dict(attention="xla")
+    plain = dataclasses.replace(
+        models, unet=models.unet.clone(**xla), text_encoder=models.text_encoder.clone(**xla)
     )
+    result = {
+        "frozen": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen)) / GIB,
+        "model_tflop": _flops(jitted(plain).lower(*args).cost_analysis()) / case.devices / 1e12,
+    }
+    if not compile_step:
+        return result
     start = time.perf_counter()
-    compiled = step_fn.lower(state, frozen, subjects, indices, key, num_steps).compile()
+    compiled = jitted(models).lower(*args).compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    args, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
+    arguments, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
     alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
-    return {
-        "frozen": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen)) / GIB,
-        "args": args / GIB,
+    return result | {
+        "args": arguments / GIB,
         "outputs": out / GIB,
-        "aliased": alias / GIB,
         "temps": temp / GIB,
-        "peak": (args + out - alias + temp) / GIB,
-        "tflop": float(cost.get("flops", 0.0)) / 1e12 if cost else float("nan"),
+        "peak": (arguments + out - alias + temp) / GIB,
+        "tflop": _flops(compiled.cost_analysis()) / 1e12,
         "seconds": seconds,
     }
 
 
 HEADER = (
     "| mesh (subject x data x fsdp) | devices | S | S per device | B | frozen weights | "
-    "arguments GiB | outputs GiB | temporaries GiB | peak GiB | TFLOP per device | compile s |\n"
-    "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+    "arguments GiB | outputs GiB | temporaries GiB | peak GiB | model TFLOP per device | "
+    "compiled TFLOP per device | compile s |\n"
+    "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -266,9 +291,10 @@ def row(case: Case, weights_dtype: str, r: dict[str, float]) -> str:
         case.slots // case.subject,
         case.batch,
         f"{weights_dtype} ({r['frozen']:.2f} GiB)",
-        *(f"{r[k]:.2f}" for k in ("args", "outputs", "temps", "peak")),
-        f"{r['tflop']:.2f}",
-        f"{r['seconds']:.0f}",
+        *(f"{r[k]:.2f}" if k in r else "-" for k in ("args", "outputs", "temps", "peak")),
+        f"{r['model_tflop']:.2f}",
+        f"{r['tflop']:.2f}" if "tflop" in r else "-",
+        f"{r['seconds']:.0f}" if "seconds" in r else "-",
     ]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -295,7 +321,7 @@ def main(argv: list[str]) -> int:
     print(HEADER, flush=True)
     for case in cases:
         for dt in f.weights_dtypes:
-            print(row(case, dt, compile_case(case, dt)), flush=True)
+            print(row(case, dt, compile_case(case, dt, f.compile)), flush=True)
     return 0
 
 
