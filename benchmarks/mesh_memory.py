@@ -12,14 +12,17 @@ the FLOPs per device of its cost analysis (what the training log reports), and t
 per device (the step lowered with materialised attention, whose FLOPs the cost analysis counts
 in full; `--nocompile` prints these alone, in seconds).
 
-  python benchmarks/mesh_memory.py --cases 1x1x1:1,1x1x1:2 --weights_dtypes float32,bfloat16
-  python benchmarks/mesh_memory.py --cases 8x1x1:32,32x1x1:32,8x1x4:32:4
+  PYTHONPATH=. python benchmarks/mesh_memory.py --cases 1x1x1:1,1x1x1:2
+  PYTHONPATH=. python benchmarks/mesh_memory.py --cases 8x1x1:32,32x1x1:32,8x1x4:32:4
+  PYTHONPATH=. python benchmarks/mesh_memory.py --nocompile --cases 1x1x1:30   # seconds
 
 A case is SUBJECTxDATAxFSDP:S[:B]: the mesh ("subject", "data", "fsdp"), S subject slots in the
 job (a multiple of the subject axis) and B examples per subject (default 1; data x fsdp must
 divide it). The figures come from XLA's CPU backend: GPU and TPU compilers fuse and assign
 buffers differently, and their flash-attention kernels replace the blockwise attention compiled
 here, so read them as a guide to how memory splits and scales, not as a promise for a device.
+Run from the repository root with PYTHONPATH=. (or `pip install -e .`) to compile this
+checkout's idfuse_jax.
 """
 
 from __future__ import annotations
