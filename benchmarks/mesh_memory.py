@@ -28,7 +28,6 @@ checkout's idfuse_jax.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import sys
 import time
@@ -224,41 +223,21 @@ def compile_case(case: Case, weights_dtype: str, compile_step: bool) -> dict[str
     sharding.check_batch_size(case.batch, mesh)
     models, frozen = sd21_models(config)
     state, key = jax.eval_shape(
-        lambda f: train_lib._initial_state(config, models, f, case.slots, mesh), frozen
+        lambda f: train_lib.initial_state(config, models, f, case.slots, mesh), frozen
     )
     side = config.data.resolution // models.latent_downsample
     subjects = abstract_subjects(models, case.slots, flags.FLAGS.images, side)
     indices = jax.ShapeDtypeStruct((case.slots, case.batch), jnp.int32)
     num_steps = jax.ShapeDtypeStruct((case.slots,), jnp.int32)
     args = (state, frozen, subjects, indices, key, num_steps)
-    per_subject, replicated = sharding.subject_sharding(mesh), sharding.replicated(mesh)
-
-    def jitted(models: build.Models) -> Any:
-        """The step as train_lib.train_and_evaluate jits it."""
-        return jax.jit(
-            functools.partial(train_lib.subjects_step, models=models, config=config),
-            in_shardings=(
-                per_subject,
-                sharding.fsdp_shardings(frozen, mesh),
-                per_subject,
-                sharding.subject_batch_sharding(mesh),
-                replicated,
-                per_subject,
-            ),
-            out_shardings=(per_subject, per_subject),
-            donate_argnums=(0,),
-        )
-
-    # Model FLOPs: the whole job's step before partitioning, with materialised attention (the
-    # cost analysis counts a blockwise attention's loop bodies once and a fused kernel's custom
-    # call not at all), split evenly over the devices.
-    xla = dict(attention="xla")
-    plain = dataclasses.replace(
-        models, unet=models.unet.clone(**xla), text_encoder=models.text_encoder.clone(**xla)
+    jitted = lambda models: train_lib.jit_subjects_step(
+        models, config, mesh, sharding.fsdp_shardings(frozen, mesh)
     )
+    # Model FLOPs: the whole job's step before partitioning, with materialised attention,
+    # split evenly over the devices (train_lib.model_flops, as the training log reports them).
     result = {
         "frozen": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen)) / GIB,
-        "model_tflop": _flops(jitted(plain).lower(*args).cost_analysis()) / case.devices / 1e12,
+        "model_tflop": train_lib.model_flops(jitted, models, args) / case.devices / 1e12,
     }
     if not compile_step:
         return result

@@ -187,6 +187,42 @@ def index_iterator(
     return iter(dataset.to_iter_dataset(read))
 
 
+def jit_subjects_step(
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    frozen_shardings: Any,
+):
+    """`subjects_step` jitted as training runs it: the state, features and step lengths split
+    over "subject", each subject's batch over the batch axes, frozen weights as placed, the key
+    replicated; the state donated. Metrics come back whole on every process (each host reads
+    every subject's, a few scalars each)."""
+    per_subject, replicated = sharding.subject_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(
+        functools.partial(subjects_step, models=models, config=config),
+        in_shardings=(
+            per_subject,
+            frozen_shardings,
+            per_subject,
+            sharding.subject_batch_sharding(mesh),
+            replicated,
+            per_subject,
+        ),
+        out_shardings=(per_subject, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def model_flops(jitted_for: Callable[[build.Models], Any], models: build.Models, args) -> float:
+    """FLOPs of a step's math: `jitted_for(models)` lowered (not compiled) with materialised
+    attention. XLA's cost analysis counts a loop's body once (blockwise attention's key and
+    query loops) and a fused kernel's custom call (cuDNN, Pallas) not at all, so the compiled
+    step's own count misses most of the attention; MFU counts this instead."""
+    cost = jitted_for(models.with_attention("xla")).lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def subject_batches(
     iterators: list[Iterator[np.ndarray]], lengths: list[int], batch_size: int, step: int
 ) -> np.ndarray:
@@ -293,23 +329,16 @@ def _stop_on_signals(flag: _StopFlag):
             signal.signal(s, handler)
 
 
-def _compile(step_fn, args, logger_prefix: str = "train step"):
-    """AOT-compile and log compile seconds, FLOPs per step and the memory analysis."""
+def _compile(step_fn, args, flops: float, logger_prefix: str = "train step"):
+    """AOT-compile and log compile seconds, `flops` (model FLOPs per step per device) and the
+    memory analysis."""
     start = time.perf_counter()
     compiled = step_fn.lower(*args).compile()
     seconds = time.perf_counter() - start
-    flops = None
-    with contextlib.suppress(Exception):  # cost analysis is best effort on some backends
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        flops = float(cost.get("flops", 0.0)) or None
     logging.info(
-        "%s compiled in %.1f s; %s FLOPs per step per device",
-        logger_prefix,
-        seconds,
-        f"{flops:.3e}" if flops else "unknown",
+        "%s compiled in %.1f s; %.3e model FLOPs per step per device", logger_prefix, seconds, flops
     )
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # memory analysis is best effort on some backends
         memory = compiled.memory_analysis()
         logging.info(
             "%s memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB",
@@ -318,7 +347,7 @@ def _compile(step_fn, args, logger_prefix: str = "train step"):
             memory.output_size_in_bytes / 2**20,
             memory.temp_size_in_bytes / 2**20,
         )
-    return compiled, seconds, flops
+    return compiled, seconds
 
 
 def _meta(config: ml_collections.ConfigDict, step: int, data_states: list) -> dict[str, Any]:
@@ -385,7 +414,7 @@ class _Reporter:
         seconds, self.last_fetch = now - self.last_fetch, now
         timing = {"step_seconds": seconds, "steps_per_second": 1.0 / seconds if seconds else 0.0}
         if self.flops:
-            tflops = self.flops / seconds / 1e12  # cost analysis of the partitioned program
+            tflops = self.flops / seconds / 1e12  # model FLOPs (see model_flops)
             timing["tflops_per_device"] = tflops
             timing["mfu"] = tflops / self.peak_tflops if self.peak_tflops else None
         losses = []
@@ -412,7 +441,7 @@ class _Reporter:
         self.last_fetch = time.perf_counter()
 
 
-def _initial_state(
+def initial_state(
     config: ml_collections.ConfigDict,
     models: build.Models,
     frozen: Params,
@@ -509,22 +538,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     subjects = sharding.reshard(method.stack_subjects(features, count), subject_sharding)
     num_steps = sharding.put(np.asarray(lengths, np.int32), subject_sharding)
 
-    state, step_key = _initial_state(config, models, frozen, count, mesh)
-    replicated = sharding.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(subjects_step, models=models, config=config),
-        in_shardings=(
-            subject_sharding,
-            frozen_shardings,
-            subject_sharding,
-            sharding.subject_batch_sharding(mesh),
-            replicated,
-            subject_sharding,
-        ),
-        # Metrics whole on every process: each host reads every subject's (a few scalars each).
-        out_shardings=(subject_sharding, replicated),
-        donate_argnums=(0,),
-    )
+    state, step_key = initial_state(config, models, frozen, count, mesh)
+    step_for = lambda models: jit_subjects_step(models, config, mesh, frozen_shardings)
 
     mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
     iterators = [
@@ -544,10 +559,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     batch_size = config.train.batch_size
     example_indices = sharding.global_batch(np.zeros((count, batch_size), np.int32), mesh)
+    args = (state, frozen, subjects, example_indices, step_key, num_steps)
     with resources.phase("compile"):
-        compiled, compile_seconds, flops = _compile(
-            step_fn, (state, frozen, subjects, example_indices, step_key, num_steps)
-        )
+        flops = model_flops(step_for, models, args) / mesh.size
+        compiled, compile_seconds = _compile(step_for(models), args, flops)
         sampler = make_sampler(models, config, frozen, state.params, runs, mesh)
     writers = [metrics.MetricsWriter(run.workdir, resume_step=start_step) for run in runs]
     for writer, subject in zip(writers, features, strict=True):
