@@ -270,6 +270,29 @@ def test_interrupted_job_resumes_to_the_straight_job(job8, tmp_path, monkeypatch
     assert [r["step"] for r in _rows(tmp_path / "subjects" / "teapot")] == [1, 2, 3, 4]
 
 
+def test_two_hosts_each_holding_one_subject_match_the_one_process_job(job8, tmp_path):
+    """The job over two processes of 4 CPU devices (launch/gpu_node.sh, as in
+    test_multihost.py), subject axis 2: each process's devices hold one subject's state, yet
+    process 0 writes both subjects' metrics, samples and exports, equal to the one-process job
+    on the same mesh."""
+    from test_multihost import _start, _wait
+
+    flags = [f"--config.{k.replace('__', '.')}={v}" for k, v in JOB.items()]
+    workdir, logs = tmp_path / "run", tmp_path / "logs"
+    _wait(_start(workdir, logs, *flags, "--config.mesh.subject=2"), logs)
+    for name in NAMES:
+        folder, reference = workdir / "subjects" / name, job8 / "subjects" / name
+        rows, expected = _rows(folder), _rows(reference)
+        assert [r["step"] for r in rows] == [r["step"] for r in expected]
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(
+                [r[key] for r in rows], [r[key] for r in expected], rtol=1e-5, err_msg=key
+            )
+        _assert_same_parameters(_exports(folder), _exports(reference))
+        assert (folder / "samples" / f"step_{len(rows)}.png").is_file()
+    assert "Exported" not in (logs / "1.out").read_text()
+
+
 def test_resuming_with_other_subjects_is_refused(job8, tmp_path):
     shutil.copytree(job8 / "checkpoints", tmp_path / "checkpoints")
     config = tiny_config(**{**JOB, "data__subjects": "dog:dog"}, mesh__subject=2)
