@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import test_evaluate
 from safetensors.numpy import load_file
-from test_train import _env, ok, train
+from test_train import _env, last_error_line, ok, train
 from test_train_loop import _SignalOnDraw, checkpoint_steps, tiny_config
 
 from idfuse_jax import config_lib, method, train_lib
@@ -322,24 +322,26 @@ def test_dreambench_tiny_runs_end_to_end_and_sample_and_evaluate_read_it(
         assert str(folder / "idfuse_weights.safetensors") in result.stdout
     assert checkpoint_steps(workdir) == [5, 10]
 
-    sampled = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "idfuse_jax.sample",
-            f"--workdir={workdir / 'subjects' / 'dog'}",
-            "--prompt",
-            "a {token} {class_name} in the snow",
-        ],
-        env=_env(1),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    ok(sampled)
+    def sample(folder: pathlib.Path) -> subprocess.CompletedProcess:
+        command = ["-m", "idfuse_jax.sample", f"--workdir={folder}"]
+        command += ["--prompt", "a {token} {class_name} in the snow"]
+        return subprocess.run(
+            [sys.executable, *command],
+            env=_env(1),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    sampled = ok(sample(workdir / "subjects" / "dog"))
     out = workdir / "subjects" / "dog" / "samples" / "sample.png"
     assert f"Wrote 4 images to {out}" in sampled.stdout and out.is_file()
+    job = sample(workdir)  # the job's own folder holds no weights: one line says where they are
+    assert job.returncode == 1 and last_error_line(job) == (
+        f"error: {workdir} is a job of several subjects: pass --workdir "
+        f"{workdir / 'subjects'}/NAME (NAME one of backpack, cat, dog, teapot)"
+    )
 
     # The synthetic subjects carry DreamBench names: their real photos come from --dreambench.
     flags = test_evaluate.metric_flags(metric_dirs)
