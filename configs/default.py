@@ -55,6 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.instance_dir = ""  # folder of subject photos, or "synthetic" (generated test subject)
+    # Several subjects in one job (the subject axis): "" trains instance_dir alone; else
+    # instance_dir holds one sub-folder per subject (DreamBooth layout) and this is "all" (every
+    # subject of its prompts_and_classes.txt) or "NAME,NAME:CLASS,...". Outputs per subject go
+    # to WORKDIR/subjects/NAME/. With instance_dir="synthetic" each NAME is its own synthetic
+    # subject. configs/dreambench.py trains all 30 DreamBench subjects this way.
+    c.data.subjects = ""
+    c.data.synthetic_variant = 0  # which synthetic subject (set per name in multi-subject jobs)
     c.data.token = "sks"  # the rare identifier bound to the subject
     c.data.class_name = "dog"
     c.data.prompt = "a photo of {token} {class_name}"  # the identity prompt P
@@ -104,6 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # DisenBooth: ~1000 for animals, ~2000 for objects
+    # Steps of objects (classes other than dog and cat); 0: train.steps for every subject. A
+    # multi-subject job runs to its longest subject; finished subjects stop updating.
+    c.train.object_steps = 0
     c.train.batch_size = 1  # global batch; must divide over the mesh's devices
     c.train.log_every = 10  # metrics.jsonl and TensorBoard
     c.train.checkpoint_every = 250
@@ -126,7 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.guidance_scale = 7.5  # classifier-free guidance against FFM(E_T(""))
     c.sample.seed = 0
 
+    # Devices = subject x data x fsdp; one size may be -1 (the remaining devices).
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.subject = 1  # subjects split over this many device groups (padded to a multiple)
+    c.mesh.data = -1  # each subject's batch split over data x fsdp
     c.mesh.fsdp = 1  # frozen weights sharded over this many devices
     return c

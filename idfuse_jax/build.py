@@ -54,6 +54,16 @@ class Models:
     def latent_downsample(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def with_attention(self, attention: str) -> Models:
+        """The same networks with another attention implementation (same parameters)."""
+        return dataclasses.replace(
+            self,
+            unet=self.unet.clone(attention=attention),
+            vae=self.vae.clone(attention=attention),
+            text_encoder=self.text_encoder.clone(attention=attention),
+            image_encoder=self.image_encoder.clone(attention=attention),
+        )
+
 
 def _existing_folder(path: str, field: str, what: str) -> pathlib.Path:
     folder = pathlib.Path(path).expanduser()

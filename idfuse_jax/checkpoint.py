@@ -7,6 +7,7 @@ command resumes exactly where the last checkpoint left off.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,16 +37,22 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
 
 
 def restore_latest(
-    mngr: ocp.CheckpointManager, abstract_state: Any
+    mngr: ocp.CheckpointManager,
+    abstract_state: Any,
+    check_meta: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, meta) of the latest checkpoint, laid out like `abstract_state`, or None.
 
     `abstract_state` leaves are arrays or jax.ShapeDtypeStruct with shardings: restored arrays
-    land directly on the devices the train step expects.
+    land directly on the devices the train step expects. `check_meta` sees the metadata first
+    and may refuse it (by raising) before any array is read.
     """
     step = mngr.latest_step()
     if step is None:
         return None
+    if check_meta is not None:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        check_meta(meta)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
     )

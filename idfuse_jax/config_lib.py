@@ -50,6 +50,10 @@ ADDED: dict[str, Any] = {
     "model.variant": "",
     "model.weights_dtype": "",
     "model.attention": "xla",  # the kernel of runs before the field
+    "data.subjects": "",
+    "data.synthetic_variant": 0,
+    "train.object_steps": 0,
+    "mesh.subject": 1,
 }
 POSITIVE = (
     "data.resolution",
@@ -76,6 +80,8 @@ NON_NEGATIVE = (
     "optim.grad_clip",
     "optim.warmup_steps",
     "data.min_size",
+    "data.synthetic_variant",
+    "train.object_steps",
 )
 
 
@@ -116,8 +122,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = _get(config, field)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"config.{field}={value!r} must be a non-negative number")
-    if not _is_int(config.optim.warmup_steps):
-        raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps!r} must be an int")
+    for field in ("optim.warmup_steps", "train.object_steps", "data.synthetic_variant"):
+        if not _is_int(_get(config, field)):
+            raise ConfigError(f"config.{field}={_get(config, field)!r} must be an integer")
     if config.sample.num_steps > MAX_SAMPLE_STEPS:
         raise ConfigError(
             f"config.sample.num_steps={config.sample.num_steps} exceeds the {MAX_SAMPLE_STEPS} "

@@ -35,6 +35,34 @@ class SubjectFeatures:
     decouple: jax.Array | None = None
 
 
+def stack_subjects(subjects: Sequence[SubjectFeatures], count: int) -> SubjectFeatures:
+    """The features of several subjects as one SubjectFeatures with a leading subject axis of
+    `count` (>= len(subjects)): [count, M, ...] with M the most images any subject has.
+
+    A subject with fewer images is padded with copies of its last one, which its data order
+    never draws; slots past the last subject (padding of the mesh's subject axis) repeat the
+    last subject and never train.
+    """
+    most = max(s.num_items for s in subjects)
+
+    def pad(x: jax.Array, to: int) -> jax.Array:
+        return jnp.concatenate([x, jnp.repeat(x[-1:], to - x.shape[0], axis=0)])
+
+    rows = [
+        s.replace(
+            **{
+                name: pad(getattr(s, name), most)
+                for name in ("latent_mean", "latent_logvar", "image_embeds", "background_embeds")
+            },
+            decouple=pad(s.decouple if s.decouple is not None else jnp.ones(s.num_items), most),
+            num_items=most,
+        )
+        for s in subjects
+    ]
+    rows += [rows[-1]] * (count - len(rows))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+
 def _patterns(pattern: str) -> list[str]:
     return [pattern] if pattern else []
 

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
-    if optim.schedule == "constant":
-        decay = optax.constant_schedule(optim.learning_rate)
-    else:
-        decay = optax.cosine_decay_schedule(optim.learning_rate, max(steps - optim.warmup_steps, 1))
-    if optim.warmup_steps == 0:
-        return decay
-    warmup = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
-    return optax.join_schedules([warmup, decay], [optim.warmup_steps])
+def learning_rate_schedule(
+    optim: ml_collections.ConfigDict, steps: int | jax.Array
+) -> optax.Schedule:
+    """Linear warm-up from 0 over optim.warmup_steps, then constant or a cosine decay to 0 at
+    `steps`. `steps` may be traced: each subject of a job decays over its own length."""
+    peak, warmup = optim.learning_rate, optim.warmup_steps
+
+    def schedule(count: jax.Array) -> jax.Array:
+        count = jnp.asarray(count, jnp.float32)
+        if optim.schedule == "constant":
+            value = jnp.full_like(count, peak)
+        else:
+            decay_steps = jnp.maximum(jnp.asarray(steps, jnp.float32) - warmup, 1.0)
+            progress = jnp.clip(count - warmup, 0.0, decay_steps) / decay_steps
+            value = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        if warmup == 0:
+            return value
+        return jnp.where(count < warmup, peak * count / warmup, value)
+
+    return schedule
 
 
 def make_optimizer(

@@ -18,6 +18,7 @@ from absl import app, flags, logging
 
 from idfuse_jax import build, cli, config_lib, export, method, metrics, subject
 from idfuse_jax.data import images as images_lib
+from idfuse_jax.errors import ConfigError
 
 flags.DEFINE_string(
     "workdir", None, "A training workdir (config.json, idfuse_weights.safetensors)."
@@ -45,6 +46,13 @@ def sample_images(
     """uint8 images [len(prompts) * num_images, R, R, 3], prompt-major."""
     workdir = pathlib.Path(workdir)
     config = config_lib.load_run_config(workdir)
+    if config.data.subjects:
+        folder = workdir / subject.SUBJECTS_DIR
+        names = sorted(p.parent.name for p in folder.glob("*/config.json"))
+        raise ConfigError(
+            f"{workdir} is a job of several subjects: pass --workdir {folder}/NAME "
+            f"(NAME one of {', '.join(names) or 'none yet'})"
+        )
     if num_steps is not None:
         config.sample.num_steps = num_steps
     if guidance_scale is not None:

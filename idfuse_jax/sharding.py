@@ -1,8 +1,10 @@
 """Device mesh, sharding rules and multi-host input.
 
-One Mesh with axes ("data", "fsdp"). The batch is split over both axes; frozen weights are split
-over "fsdp" along their largest divisible dimension (FSDP: XLA all-gathers them where used);
-trainable state (LoRA, adapter, FFM and their optimiser moments) is small and replicated.
+One Mesh with axes ("subject", "data", "fsdp"). Subjects trained together are split over
+"subject": each subject's trainable state (LoRA, adapter, FFM and their optimiser moments),
+features and batch live on its slice of the mesh. A subject's batch is split over "data" and
+"fsdp"; frozen weights are shared by every subject and split over "fsdp" along their largest
+divisible dimension (FSDP: XLA all-gathers them where used).
 
 Multi-host: the mesh spans every process's devices, and no process may place data on another's.
 Host (numpy) values go through `put` (each process hands its own devices their slices); values
@@ -24,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.formats import LazyArray
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("subject", "data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # a subject's batch
 
 
 def maybe_initialize_distributed(multihost: bool) -> None:
@@ -56,28 +58,34 @@ def maybe_initialize_distributed(multihost: bool) -> None:
         )
 
 
-def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
-    """Resolve the ("data", "fsdp") sizes; one of them may be -1 to take the remaining devices."""
-    if data == -1 and fsdp == -1:
-        raise ConfigError("mesh.data and mesh.fsdp cannot both be -1")
-    for name, size in (("data", data), ("fsdp", fsdp)):
+def mesh_shape(data: int, fsdp: int, num_devices: int, subject: int = 1) -> tuple[int, int, int]:
+    """Resolve the ("subject", "data", "fsdp") sizes; one of them may be -1 to take the
+    remaining devices."""
+    sizes = {"subject": subject, "data": data, "fsdp": fsdp}
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ConfigError(f"only one of mesh.{', mesh.'.join(free)} can be -1")
+    for name, size in sizes.items():
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{name}={size} must be a positive size or -1")
-    if data == -1 or fsdp == -1:
-        known = fsdp if data == -1 else data
+    if free:
+        known = math.prod(size for size in sizes.values() if size != -1)
         if num_devices % known:
             raise ConfigError(f"mesh size {known} does not divide the {num_devices} devices")
-        data, fsdp = (num_devices // known, fsdp) if data == -1 else (data, num_devices // known)
-    if data * fsdp != num_devices:
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        shape = " x ".join(f"{name}={size}" for name, size in sizes.items())
         raise ConfigError(
-            f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {num_devices} are present"
+            f"mesh {shape} = {math.prod(sizes.values())} devices, but {num_devices} are present"
         )
-    return data, fsdp
+    return sizes["subject"], sizes["data"], sizes["fsdp"]
 
 
-def make_mesh(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int, fsdp: int, devices: Sequence[jax.Device] | None = None, *, subject: int = 1
+) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(data, fsdp, len(devices))
+    shape = mesh_shape(data, fsdp, len(devices), subject)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -86,16 +94,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over every mesh axis."""
+    """Leading (batch) dimension split over the batch axes ("data", "fsdp")."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def subject_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (subject) dimension split over "subject"; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec("subject"))
+
+
+def subject_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[subjects, batch, ...]: subjects over "subject", each subject's batch over the batch axes."""
+    return NamedSharding(mesh, PartitionSpec("subject", BATCH_AXES))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     n = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if batch_size % n:
         raise ConfigError(
-            f"train.batch_size={batch_size} is not divisible by the {n} devices of the mesh "
-            f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); change one of them"
+            f"train.batch_size={batch_size} is not divisible by the {n} devices of a subject's "
+            f"slice of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
+            "change one of them"
         )
 
 
@@ -160,13 +179,18 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     features): every process runs the same copy program, each filling its own devices.
     `jax.device_put` cannot do this once the mesh has devices of other processes.
     """
-    return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    return reshard(tree, replicated(mesh))
+
+
+def reshard(tree: Any, out_sharding: NamedSharding) -> Any:
+    """`tree` laid out by `out_sharding`, through a jitted copy that every process runs."""
+    return jax.jit(lambda t: t, out_shardings=out_sharding)(tree)
 
 
 def any_process(mesh: Mesh) -> Callable[[bool], bool]:
     """A function: whether any process passed True. Compiled now, so that calling it later
     compiles nothing (a process busy compiling would be late to the collective)."""
-    sharding = batch_sharding(mesh)  # one element per device
+    sharding = NamedSharding(mesh, PartitionSpec(MESH_AXES))  # one element per device
     flags = jax.ShapeDtypeStruct((mesh.size,), np.int32, sharding=sharding)
     reduce = jax.jit(lambda x: x.max(), out_shardings=replicated(mesh)).lower(flags).compile()
     num_local = len(mesh.local_devices)
@@ -179,5 +203,6 @@ def any_process(mesh: Mesh) -> Callable[[bool], bool]:
 
 
 def global_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
-    """The global batch (identical on every process) as one array split over the batch axes."""
-    return put(batch, batch_sharding(mesh))
+    """The global batch [subjects, batch] (identical on every process) as one array, subjects
+    split over "subject" and each subject's batch over the batch axes."""
+    return put(batch, subject_batch_sharding(mesh))

@@ -43,7 +43,9 @@ from idfuse_jax.types import Params
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array
+    """One subject's training state; in a job every leaf has a leading subject axis."""
+
+    step: jax.Array  # the steps this subject has taken
     params: Params  # trainable only: {"unet_lora", "text_lora", "idfuse"}
     opt_state: optax.OptState
     # False from the first non-finite step on: later updates are skipped, so the state stays the
@@ -88,8 +90,12 @@ def train_step(
     config: ml_collections.ConfigDict,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
+    active: jax.Array | bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on a batch of (augmented) subject images given by `indices`."""
+    """One optimiser step on a batch of (augmented) subject images given by `indices`.
+
+    An inactive subject (one that has taken all its steps) keeps its state as it is.
+    """
     keys = example_keys(key, state.step, indices.shape[0])
 
     loss_fn = lambda trainable: method.training_loss(
@@ -97,13 +103,15 @@ def train_step(
     )
     (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
-    healthy = state.healthy & jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    healthy = state.healthy & (finite | jnp.logical_not(active))
+    update = healthy & active
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    # Skip the update (keep the last good state) once anything is non-finite.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
+    # Skip the update (keep the last good state) once anything is non-finite, or once done.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)
     new_state = TrainState(
-        step=jnp.where(healthy, state.step + 1, state.step),
+        step=jnp.where(update, state.step + 1, state.step),
         params=keep(new_params, state.params),
         opt_state=keep(new_opt_state, state.opt_state),
         healthy=healthy,
@@ -116,6 +124,44 @@ def train_step(
         **terms,
     }
     return new_state, out
+
+
+def subjects_step(
+    state: TrainState,
+    frozen: Params,
+    subjects: method.SubjectFeatures,
+    indices: jax.Array,
+    key: jax.Array,
+    num_steps: jax.Array,
+    *,
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step of every subject of a job: `train_step` mapped over the leading subject axis of
+    `state`, `subjects`, `indices` [S, B] and `num_steps` [S]; frozen weights and the key are
+    shared, so subject s follows exactly the run it would have alone with the same seed.
+
+    Subject s trains while state.step[s] < num_steps[s], which also sets the length of its
+    learning-rate schedule; then its state stays as it is while longer subjects go on.
+    """
+
+    def one(state, subject, indices, num_steps):
+        schedule = optim.learning_rate_schedule(config.optim, num_steps)
+        optimizer = optim.make_optimizer(config.optim, schedule)
+        return train_step(
+            state,
+            frozen,
+            subject,
+            indices,
+            key,
+            models=models,
+            config=config,
+            optimizer=optimizer,
+            schedule=schedule,
+            active=state.step < num_steps,
+        )
+
+    return jax.vmap(one)(state, subjects, indices, num_steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,6 +187,56 @@ def index_iterator(
     return iter(dataset.to_iter_dataset(read))
 
 
+def jit_subjects_step(
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    frozen_shardings: Any,
+):
+    """`subjects_step` jitted as training runs it: the state, features and step lengths split
+    over "subject", each subject's batch over the batch axes, frozen weights as placed, the key
+    replicated; the state donated. Metrics come back whole on every process (each host reads
+    every subject's, a few scalars each)."""
+    per_subject, replicated = sharding.subject_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(
+        functools.partial(subjects_step, models=models, config=config),
+        in_shardings=(
+            per_subject,
+            frozen_shardings,
+            per_subject,
+            sharding.subject_batch_sharding(mesh),
+            replicated,
+            per_subject,
+        ),
+        out_shardings=(per_subject, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def model_flops(jitted_for: Callable[[build.Models], Any], models: build.Models, args) -> float:
+    """FLOPs of a step's math: `jitted_for(models)` lowered (not compiled) with materialised
+    attention. XLA's cost analysis counts a loop's body once (blockwise attention's key and
+    query loops) and a fused kernel's custom call (cuDNN, Pallas) not at all, so the compiled
+    step's own count misses most of the attention; MFU counts this instead."""
+    cost = jitted_for(models.with_attention("xla")).lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def subject_batches(
+    iterators: list[Iterator[np.ndarray]], lengths: list[int], batch_size: int, step: int
+) -> np.ndarray:
+    """[S, B] indices of job step `step` (0-based): subject s draws from its own iterator while
+    step < lengths[s], and gets (unused) zeros after; padding slots past the iterators too."""
+    rows = [
+        np.asarray(next(iterators[s]), np.int32)
+        if s < len(iterators) and step < length
+        else np.zeros((batch_size,), np.int32)
+        for s, length in enumerate(lengths)
+    ]
+    return np.stack(rows)
+
+
 # --------------------------------------------------------------------------------------------
 # Validation samples
 
@@ -149,29 +245,48 @@ def make_sampler(
     models: build.Models,
     config: ml_collections.ConfigDict,
     frozen: dict[str, Params],
-    trainable: dict[str, Params],
-    out_sharding: jax.sharding.Sharding | None = None,
+    params: dict[str, Params],
+    runs: list[subject_lib.SubjectRun],
+    mesh: jax.sharding.Mesh,
 ):
-    """A function (frozen, trainable) -> uint8 grid of one image per validation prompt.
+    """A function (frozen, params, s) -> uint8 grid of one image per validation prompt of
+    subject s, whose trainable weights are `params`' slot s along the subject axis.
 
-    Compiled ahead of time for arguments laid out like `frozen` and `trainable`, so that a
-    sampler that cannot compile or fit fails before training starts, not hundreds of steps in.
+    Compiled ahead of time for arguments laid out like `frozen` and `params`, so that a sampler
+    that cannot compile or fit fails before training starts, not hundreds of steps in. Every
+    process calls it (it is one program over the mesh); each gets the whole grid.
     """
-    prompts = method.format_prompts(config, config.sample.prompts)
-    prompt_ids = jnp.asarray(models.tokenizer(prompts))
+    replicated = sharding.replicated(mesh)
+    prompts = [method.format_prompts(run.config, config.sample.prompts) for run in runs]
+    prompt_ids = np.stack([np.asarray(models.tokenizer(p)) for p in prompts])  # [R, P, T]
+    prompt_ids = sharding.put(prompt_ids, replicated)
     null_ids = jnp.asarray(models.tokenizer([""]))
     key = jax.random.key(config.sample.seed)
-    fn = jax.jit(
-        lambda f, t: method.generate(models, config, f, t, prompt_ids, null_ids, key),
-        out_shardings=out_sharding,
-    )
-    compiled = fn.lower(frozen, trainable).compile()
 
-    def sample(frozen: dict[str, Params], trainable: dict[str, Params]) -> np.ndarray:
-        images = metrics.to_uint8(jax.device_get(compiled(frozen, trainable)))
-        return metrics.image_grid(images, columns=len(prompts))
+    def generate(frozen, params, prompt_ids, s):
+        trainable = _take(params, s)
+        return method.generate(models, config, frozen, trainable, prompt_ids[s], null_ids, key)
+
+    index = lambda s: sharding.put(np.int32(s), replicated)
+    fn = jax.jit(generate, out_shardings=replicated)
+    compiled = fn.lower(frozen, params, prompt_ids, index(0)).compile()
+
+    def sample(frozen: dict[str, Params], params: dict[str, Params], s: int) -> np.ndarray:
+        images = metrics.to_uint8(jax.device_get(compiled(frozen, params, prompt_ids, index(s))))
+        return metrics.image_grid(images, columns=len(config.sample.prompts))
 
     return sample
+
+
+def _take(tree: Any, s: jax.Array) -> Any:
+    return jax.tree.map(lambda x: x[s], tree)
+
+
+def subject_slice(params: Params, s: int, mesh: jax.sharding.Mesh) -> Params:
+    """Slot s of trees with a leading subject axis, whole on every device (every process calls
+    it: on several hosts the subject's shard may live on another's devices)."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(_take, out_shardings=replicated)(params, sharding.put(np.int32(s), replicated))
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,23 +329,16 @@ def _stop_on_signals(flag: _StopFlag):
             signal.signal(s, handler)
 
 
-def _compile(step_fn, args, logger_prefix: str = "train step"):
-    """AOT-compile and log compile seconds, FLOPs per step and the memory analysis."""
+def _compile(step_fn, args, flops: float, logger_prefix: str = "train step"):
+    """AOT-compile and log compile seconds, `flops` (model FLOPs per step per device) and the
+    memory analysis."""
     start = time.perf_counter()
     compiled = step_fn.lower(*args).compile()
     seconds = time.perf_counter() - start
-    flops = None
-    with contextlib.suppress(Exception):  # cost analysis is best effort on some backends
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        flops = float(cost.get("flops", 0.0)) or None
     logging.info(
-        "%s compiled in %.1f s; %s FLOPs per step per device",
-        logger_prefix,
-        seconds,
-        f"{flops:.3e}" if flops else "unknown",
+        "%s compiled in %.1f s; %.3e model FLOPs per step per device", logger_prefix, seconds, flops
     )
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # memory analysis is best effort on some backends
         memory = compiled.memory_analysis()
         logging.info(
             "%s memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB",
@@ -239,11 +347,12 @@ def _compile(step_fn, args, logger_prefix: str = "train step"):
             memory.output_size_in_bytes / 2**20,
             memory.temp_size_in_bytes / 2**20,
         )
-    return compiled, seconds, flops
+    return compiled, seconds
 
 
-def _meta(config: ml_collections.ConfigDict, step: int, data_state: dict) -> dict[str, Any]:
-    return {"step": step, "data_iterator": data_state, "config": json.loads(config.to_json())}
+def _meta(config: ml_collections.ConfigDict, step: int, data_states: list) -> dict[str, Any]:
+    """Checkpoint metadata: the job step, each subject's data iterator state, the config."""
+    return {"step": step, "data_iterators": data_states, "config": json.loads(config.to_json())}
 
 
 def _host_scalars(out: dict[str, jax.Array]) -> dict[str, Any]:
@@ -263,10 +372,11 @@ def _format_terms(scalars: dict[str, float]) -> str:
 
 
 def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-    """Refuse to resume with settings that would silently change the data order."""
+    """Refuse to resume with settings that would silently change the data order or the
+    subjects, or from a checkpoint of a version without the subject axis."""
     saved = meta.get("config", {})
-    for section, key in (("train", "batch_size"), ("", "seed")):
-        old = saved.get(section, {}).get(key) if section else saved.get(key)
+    for section, key in (("train", "batch_size"), ("", "seed"), ("data", "subjects")):
+        old = saved.get(section, {}).get(key, "") if section else saved.get(key)
         new = config[section][key] if section else config[key]
         if old is not None and old != new:
             name = f"{section}.{key}" if section else key
@@ -274,162 +384,218 @@ def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict) ->
                 f"config.{name}={new} differs from the checkpoint's {old}; resume with the same "
                 "value or use a new --workdir"
             )
+    if "data_iterators" not in meta:
+        raise config_lib.ConfigError(
+            "the checkpoint was written by an older version of idfuse_jax (one subject, no "
+            "subject axis); it cannot be resumed: use a new --workdir"
+        )
 
 
 @dataclasses.dataclass
 class _Reporter:
     """Reads one step's metrics (a step late, so the device never waits for the host), stops on
-    non-finite values, and writes logs and the progress bar.
+    non-finite values, and writes each subject's logs and the progress bar.
 
     Step time is the interval between two consecutive metric fetches: in steady state, the time
-    the device spends on one step.
+    the device spends on one step (of every subject at once).
     """
 
     config: ml_collections.ConfigDict
-    writer: metrics.MetricsWriter
+    runs: list[subject_lib.SubjectRun]
+    writers: list[metrics.MetricsWriter]
     progress: Any
     flops: float | None
     peak_tflops: float | None
     last_fetch: float = dataclasses.field(default_factory=time.perf_counter)
 
     def __call__(self, step: int, out: dict[str, jax.Array]) -> None:
-        scalars = _host_scalars(out)
+        host = jax.device_get(out)  # every leaf [S, ...]
         now = time.perf_counter()
         seconds, self.last_fetch = now - self.last_fetch, now
-        if not scalars.pop("healthy"):
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {step} ({_format_terms(scalars)}); stopped, "
-                "the last good checkpoint is kept"
-            )
-        scalars["step_seconds"] = seconds
-        scalars["steps_per_second"] = 1.0 / seconds if seconds > 0 else math.inf
+        timing = {"step_seconds": seconds, "steps_per_second": 1.0 / seconds if seconds else 0.0}
         if self.flops:
-            tflops = self.flops / seconds / 1e12  # cost analysis of the partitioned program
-            scalars["tflops_per_device"] = tflops
-            scalars["mfu"] = tflops / self.peak_tflops if self.peak_tflops else None
-        if step % self.config.train.log_every == 0 or step == self.config.train.steps:
-            self.writer.write(step, scalars)
+            tflops = self.flops / seconds / 1e12  # model FLOPs (see model_flops)
+            timing["tflops_per_device"] = tflops
+            timing["mfu"] = tflops / self.peak_tflops if self.peak_tflops else None
+        losses = []
+        for s, (run, writer) in enumerate(zip(self.runs, self.writers, strict=True)):
+            if step > run.steps:  # done: its state no longer changes
+                continue
+            scalars = _host_scalars({k: v[s] for k, v in host.items()})
+            if not scalars.pop("healthy"):
+                where = f" of subject {run.name}" if run.name else ""
+                raise NonFiniteError(
+                    f"non-finite loss or gradient{where} at step {step} "
+                    f"({_format_terms(scalars)}); stopped, the last good checkpoint is kept"
+                )
+            losses.append(scalars["loss"])
+            if step % self.config.train.log_every == 0 or step == run.steps:
+                writer.write(step, {**scalars, **timing})
         self.progress.set_postfix(
-            loss=f"{scalars['loss']:.4f}", steps_per_s=f"{scalars['steps_per_second']:.2f}"
+            loss=f"{np.mean(losses):.4f}", steps_per_s=f"{timing['steps_per_second']:.2f}"
         )
         self.progress.update(1)
 
     def restart_clock(self) -> None:
-        """Exclude checkpointing and sampling time from the next step's time."""
+        """Exclude checkpointing, sampling and export time from the next step's time."""
         self.last_fetch = time.perf_counter()
 
 
-def _initial_state(
+def initial_state(
     config: ml_collections.ConfigDict,
     models: build.Models,
     frozen: Params,
-    optimizer: optax.GradientTransformation,
-    out_sharding: jax.sharding.Sharding,
+    count: int,
+    mesh: jax.sharding.Mesh,
 ) -> tuple[TrainState, jax.Array]:
-    """(initial train state, the key of the per-step randomness), both placed by `out_sharding`.
+    """(initial train state of `count` subjects, stacked along a leading subject axis and split
+    over "subject"; the key of the per-step randomness, replicated).
 
-    Computed by one jitted program that every process runs: a mesh spanning processes takes
-    no host-to-device copies from a single process.
+    Every subject starts where it would start alone with the same seed. Computed by one jitted
+    program that every process runs: a mesh spanning processes takes no host-to-device copies
+    from a single process.
     """
+    optimizer = optim.make_optimizer(
+        config.optim, optim.learning_rate_schedule(config.optim, config.train.steps)
+    )
 
     def init(frozen):
         init_key, step_key = jax.random.split(jax.random.key(config.seed))
         trainable = method.init_trainable(init_key, models, config, frozen)
-        return init_train_state(trainable, optimizer), step_key
+        state = init_train_state(trainable, optimizer)
+        stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), state)
+        return stacked, step_key
 
-    return jax.jit(init, out_shardings=out_sharding)(frozen)
+    out_shardings = (sharding.subject_sharding(mesh), sharding.replicated(mesh))
+    return jax.jit(init, out_shardings=out_shardings)(frozen)
+
+
+def _write_configs(
+    config: ml_collections.ConfigDict, runs: list[subject_lib.SubjectRun], workdir: pathlib.Path
+) -> None:
+    """WORKDIR/config.json: the job's config (one subject: its resolved config); in a job of
+    several, also WORKDIR/subjects/NAME/config.json, each subject's config as if trained
+    alone, which `sample` and `evaluate` read."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job = config if runs[0].name else runs[0].config
+    (workdir / "config.json").write_text(job.to_json_best_effort(indent=2))
+    for run in runs:
+        if run.name:
+            run.workdir.mkdir(parents=True, exist_ok=True)
+            (run.workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2))
+
+
+def _subject_features(
+    runs: list[subject_lib.SubjectRun], models: build.Models, frozen: Params
+) -> list[method.SubjectFeatures]:
+    features = []
+    for run in runs:
+        subject = subject_lib.prepare_subject_features(run.config, models, frozen, run.workdir)
+        logging.info(
+            "subject %s: %d training images (with flips), %d with explicit decoupling, %d steps",
+            run.name or run.config.data.instance_dir,
+            subject.num_items,
+            int(np.sum(subject.decouple)),
+            run.steps,
+        )
+        features.append(subject)
+    return features
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-    """Train one subject; resume from workdir's latest checkpoint if there is one."""
+    """Train the job's subjects; resume from workdir's latest checkpoint if there is one."""
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     sharding.maybe_initialize_distributed(config.multihost)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, subject=config.mesh.subject)
     sharding.check_batch_size(config.train.batch_size, mesh)
-    logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
+    runs = subject_lib.subject_runs(config, workdir)
+    # The subject axis is padded to a multiple of its mesh size with slots that never train.
+    count = -(-len(runs) // mesh.shape["subject"]) * mesh.shape["subject"]
+    lengths = [run.steps for run in runs] + [0] * (count - len(runs))
+    total_steps = max(lengths)
+    logging.info(
+        "mesh %s over %d processes; %d subject(s)%s, %d steps",
+        dict(mesh.shape),
+        jax.process_count(),
+        len(runs),
+        f" (+{count - len(runs)} idle slots)" if count > len(runs) else "",
+        total_steps,
+    )
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        _write_configs(config, runs, workdir)
 
     # Frozen weights stream from disk to their fsdp shards, one tensor at a time.
     with resources.phase("load"):
         models, frozen = build.build_models(config, lazy=True)
         frozen = sharding.put(frozen, sharding.fsdp_shardings(frozen, mesh))
         jax.block_until_ready(frozen)
-    replicated = sharding.replicated(mesh)
-    subject = subject_lib.prepare_subject_features(config, models, frozen, workdir)
-    explicit_images = int(np.sum(subject.decouple))
-    logging.info(
-        "subject: %d training images (with flips), %d with explicit decoupling",
-        subject.num_items,
-        explicit_images,
-    )
+    features = _subject_features(runs, models, frozen)
     del frozen["image"]  # the image encoder's work is done: free its memory
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    subject_sharding = sharding.subject_sharding(mesh)
+    subjects = sharding.reshard(method.stack_subjects(features, count), subject_sharding)
+    num_steps = sharding.put(np.asarray(lengths, np.int32), subject_sharding)
 
-    schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-    optimizer = optim.make_optimizer(config.optim, schedule)
-    state, step_key = _initial_state(config, models, frozen, optimizer, replicated)
-    subject = sharding.replicate(subject, mesh)
-
-    step_fn = jax.jit(
-        functools.partial(
-            train_step, models=models, config=config, optimizer=optimizer, schedule=schedule
-        ),
-        in_shardings=(
-            replicated,
-            frozen_shardings,
-            replicated,
-            sharding.batch_sharding(mesh),
-            replicated,
-        ),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
-    )
+    state, step_key = initial_state(config, models, frozen, count, mesh)
+    step_for = lambda models: jit_subjects_step(models, config, mesh, frozen_shardings)
 
     mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
-    data_iter = index_iterator(
-        subject.num_items, config.train.batch_size, config.seed, config.train.steps
+    iterators = [
+        index_iterator(f.num_items, config.train.batch_size, config.seed, run.steps)
+        for f, run in zip(features, runs, strict=True)
+    ]
+    restored = checkpoint.restore_latest(
+        mngr, state, check_meta=lambda meta: _check_resumable(meta, config)
     )
-    restored = checkpoint.restore_latest(mngr, state)
     start_step = 0
     if restored is not None:
         start_step, state, meta = restored
-        _check_resumable(meta, config)
-        data_iter.set_state(meta["data_iterator"])
+        for iterator, data_state in zip(iterators, meta["data_iterators"], strict=True):
+            iterator.set_state(data_state)
         logging.info("resuming from the checkpoint at step %d in %s", start_step, mngr.directory)
         print(f"Resuming from step {start_step} ({mngr.directory})", flush=True)
 
-    example_indices = sharding.global_batch(np.zeros((config.train.batch_size,), np.int32), mesh)
+    batch_size = config.train.batch_size
+    example_indices = sharding.global_batch(np.zeros((count, batch_size), np.int32), mesh)
+    args = (state, frozen, subjects, example_indices, step_key, num_steps)
     with resources.phase("compile"):
-        compiled, compile_seconds, flops = _compile(
-            step_fn, (state, frozen, subject, example_indices, step_key)
+        flops = model_flops(step_for, models, args) / mesh.size
+        compiled, compile_seconds = _compile(step_for(models), args, flops)
+        sampler = make_sampler(models, config, frozen, state.params, runs, mesh)
+    writers = [metrics.MetricsWriter(run.workdir, resume_step=start_step) for run in runs]
+    for writer, subject in zip(writers, features, strict=True):
+        writer.write(
+            start_step,
+            {
+                "compile_seconds": compile_seconds,
+                "flops_per_step_per_device": flops,
+                # training images (with flips) with L3, L4
+                "explicit_images": int(np.sum(subject.decouple)),
+            },
         )
-        sampler = make_sampler(models, config, frozen, state.params, replicated)
-    writer = metrics.MetricsWriter(workdir, resume_step=start_step)
-    writer.write(
-        start_step,
-        {
-            "compile_seconds": compile_seconds,
-            "flops_per_step_per_device": flops,
-            "explicit_images": explicit_images,  # training images (with flips) with L3, L4
-        },
-    )
-    progress = _progress_bar(is_main, start_step, config.train.steps)
+    progress = _progress_bar(is_main, start_step, total_steps)
     peak = metrics.peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops_per_device)
-    report = _Reporter(config, writer, progress, flops, peak)
+    report = _Reporter(config, runs, writers, progress, flops, peak)
 
     def save(step: int) -> None:
-        checkpoint.save(mngr, step, state, _meta(config, step, data_iter.get_state()))
+        data_states = [iterator.get_state() for iterator in iterators]
+        checkpoint.save(mngr, step, state, _meta(config, step, data_states))
 
-    def sample(step: int) -> None:
-        grid = sampler(frozen, state.params)
+    def sample(step: int, s: int) -> None:
+        grid = sampler(frozen, state.params, s)
         if is_main:
-            path = metrics.save_png(workdir / "samples" / f"step_{step}.png", grid)
-            writer.write_image(step, "samples", grid)
+            path = metrics.save_png(runs[s].workdir / "samples" / f"step_{step}.png", grid)
+            writers[s].write_image(step, "samples", grid)
             logging.info("samples written to %s", path)
+
+    def export_subject(s: int) -> None:
+        trainable = jax.device_get(subject_slice(state.params, s, mesh))
+        if is_main:
+            for exported in export.export_run(trainable, runs[s].workdir, runs[s].config):
+                size = exported.stat().st_size / 2**20
+                print(f"Exported trainable weights: {exported} ({size:.2f} MiB)", flush=True)
 
     any_process = sharding.any_process(mesh)
     # Everything is compiled: from here on no process can be late to a collective by a compile.
@@ -438,30 +604,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     stop = _StopFlag()
     step = start_step
     try:
-        with _stop_on_signals(stop), resources.phase(f"steps {start_step}-{config.train.steps}"):
+        with _stop_on_signals(stop), resources.phase(f"steps {start_step}-{total_steps}"):
             check_every = config.train.stop_check_every
-            while step < config.train.steps and not _should_stop(
-                stop, step, check_every, any_process
-            ):
-                indices = sharding.global_batch(np.asarray(next(data_iter), np.int32), mesh)
-                state, out = compiled(state, frozen, subject, indices, step_key)
+            while step < total_steps and not _should_stop(stop, step, check_every, any_process):
+                batch = subject_batches(iterators, lengths, batch_size, step)
+                indices = sharding.global_batch(batch, mesh)
+                state, out = compiled(state, frozen, subjects, indices, step_key, num_steps)
                 step += 1
                 if pending is not None:  # the previous step, read while this one runs
                     report(*pending)
                 pending = (step, out)
-                checkpoint_now = step % config.train.checkpoint_every == 0
-                sample_now = step % config.train.sample_every == 0
-                if checkpoint_now or sample_now or step == config.train.steps:
+                checkpoint_now = step % config.train.checkpoint_every == 0 or step == total_steps
+                every = config.train.sample_every
+                sampling = [
+                    s
+                    for s, run in enumerate(runs)
+                    if step == run.steps or (step < run.steps and step % every == 0)
+                ]
+                if checkpoint_now or sampling:
                     report(*pending)  # never checkpoint a state that has not been checked
                     pending = None
-                    if checkpoint_now or step == config.train.steps:
+                    for s in sampling:
+                        if step == runs[s].steps:  # done: export before any later checkpoint
+                            export_subject(s)
+                    if checkpoint_now:
                         save(step)
-                    if sample_now or step == config.train.steps:
-                        sample(step)
+                    for s in sampling:
+                        sample(step, s)
                     report.restart_clock()
             if pending is not None:
                 report(*pending)
-        if step < config.train.steps:  # stopped by a signal
+        if step < total_steps:  # stopped by a signal
             if mngr.latest_step() != step:
                 save(step)
             mngr.wait_until_finished()
@@ -470,17 +643,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 f"checkpoint at step {step}; rerun the same command to resume.",
                 flush=True,
             )
-            return
-        if is_main:
-            for exported in export.export_run(state.params, workdir, config):
-                size = exported.stat().st_size
-                print(
-                    f"Exported trainable weights: {exported} ({size / 2**20:.2f} MiB)", flush=True
-                )
     finally:
         mngr.wait_until_finished()
         mngr.close()
-        writer.close()
+        for writer in writers:
+            writer.close()
         progress.close()
 
 

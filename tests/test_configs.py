@@ -25,12 +25,16 @@ def test_tiny_and_dog_configs_validate():
     config_lib.validate(load("dog"))
 
 
-def test_dog_variants_pick_subject_class_and_steps():
+def test_dog_variants_pick_subject_class_and_steps(tmp_path):
+    from idfuse_jax.subject import subject_runs
+
     cat = load("dog", "cat2,cat")
     assert cat.data.instance_dir.endswith("dreambooth/cat2")
-    assert (cat.data.class_name, cat.train.steps) == ("cat", 1000)
-    teapot = load("dog", "teapot,teapot")
-    assert (teapot.data.class_name, teapot.train.steps) == ("teapot", 2000)
+    (run,) = subject_runs(cat, tmp_path)
+    assert (run.config.data.class_name, run.steps, run.workdir) == ("cat", 1000, tmp_path)
+    (run,) = subject_runs(load("dog", "teapot,teapot"), tmp_path)
+    assert (run.config.data.class_name, run.steps) == ("teapot", 2000)
+    assert (run.config.train.steps, run.config.train.object_steps) == (2000, 0)
 
 
 @pytest.mark.parametrize(
@@ -92,20 +96,34 @@ def test_choices_come_from_the_modules_that_implement_them():
 
 
 @pytest.mark.parametrize(
-    ("data", "fsdp", "devices", "expected"),
-    [(-1, 1, 8, (8, 1)), (2, 4, 8, (2, 4)), (2, -1, 8, (2, 4)), (1, 1, 1, (1, 1))],
+    ("subject", "data", "fsdp", "devices", "expected"),
+    [
+        (1, -1, 1, 8, (1, 8, 1)),
+        (1, 2, 4, 8, (1, 2, 4)),
+        (1, 2, -1, 8, (1, 2, 4)),
+        (1, 1, 1, 1, (1, 1, 1)),
+        (2, -1, 1, 8, (2, 4, 1)),
+        (-1, 1, 1, 8, (8, 1, 1)),
+        (-1, 1, 4, 32, (8, 1, 4)),
+    ],
 )
-def test_mesh_shape(data, fsdp, devices, expected):
-    assert sharding.mesh_shape(data, fsdp, devices) == expected
+def test_mesh_shape(subject, data, fsdp, devices, expected):
+    assert sharding.mesh_shape(data, fsdp, devices, subject) == expected
 
 
 @pytest.mark.parametrize(
-    ("data", "fsdp", "message"),
-    [(3, -1, "does not divide"), (2, 2, "4 devices, but 8"), (-1, -1, "cannot both be -1")],
+    ("subject", "data", "fsdp", "message"),
+    [
+        (1, 3, -1, "mesh size 3 does not divide the 8 devices"),
+        (1, 2, 2, "mesh subject=1 x data=2 x fsdp=2 = 4 devices, but 8 are present"),
+        (1, -1, -1, "only one of mesh.data, mesh.fsdp can be -1"),
+        (-1, -1, 1, "only one of mesh.subject, mesh.data can be -1"),
+        (0, -1, 1, "mesh.subject=0 must be a positive size or -1"),
+    ],
 )
-def test_bad_mesh_is_refused(data, fsdp, message):
-    with pytest.raises(ConfigError, match=message):
-        sharding.mesh_shape(data, fsdp, 8)
+def test_bad_mesh_is_refused(subject, data, fsdp, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sharding.mesh_shape(data, fsdp, 8, subject)
 
 
 def test_fsdp_spec_splits_largest_divisible_dimension():

@@ -229,29 +229,26 @@ def bench_dir(tmp_path_factory, dreambooth_dir):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, bench_dir):
-    """A folder of two trained workdirs (dog: live, can: object), 2 steps each, trained at the
-    same time (each run mostly waits on one core). Their sampler: configs/tiny.py's 8 steps."""
+    """One training job of two subjects (dog: live, can: object) of the DreamBooth-layout
+    folder, 2 steps each; each has its workdir in runs/subjects/NAME. Their sampler:
+    configs/tiny.py's 8 steps."""
     root = tmp_path_factory.mktemp("runs")
-    jobs = [
-        subprocess.Popen(
+    ok(
+        subprocess.run(
             _command(
-                root / subject,
-                f"--config.data.instance_dir={bench_dir / subject}",
-                f"--config.data.class_name={subject}",
+                root,
+                f"--config.data.instance_dir={bench_dir}",
+                "--config.data.subjects=dog,can",
                 "--config.train.steps=2",
                 "--config.train.checkpoint_every=2",
             ),
             env=_env(8),
             cwd=REPO,
             text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
+            timeout=600,
         )
-        for subject in ("dog", "can")
-    ]
-    for job in jobs:
-        _, stderr = job.communicate(timeout=600)
-        assert job.returncode == 0, stderr[-3000:]
+    )
     return root
 
 
@@ -308,7 +305,9 @@ def test_evaluation_writes_everything(first_eval, runs, metric_dirs, bench_dir):
         sub = results["subjects"][name]
         assert (sub["live"], sub["class_name"], sub["num_real"], sub["num_images"]) == (
             live, name, 3, 4)  # fmt: skip
-        assert sub["workdir"] == str(runs / name) and sub["real_dir"] == str(bench_dir / name)
+        assert sub["workdir"] == str(runs / "subjects" / name) and sub["real_dir"] == str(
+            bench_dir / name
+        )
         # --num_steps=2 overrides the run's 8 steps; guidance is the run's.
         assert sub["sampler"] == {"sampler": "dpm++", "num_steps": 2, "guidance_scale": 3.0,
                                   "resolution": 32}  # fmt: skip
@@ -418,7 +417,7 @@ def test_bad_inputs_are_one_line(runs, metric_dirs, bench_dir, tmp_path):
     dino, clip = metric_dirs[0], metric_dirs[1]
     untrained = tmp_path / "untrained"
     untrained.mkdir()
-    (untrained / "config.json").write_text((runs / "dog" / "config.json").read_text())
+    (untrained / "config.json").write_text((runs / "subjects" / "dog" / "config.json").read_text())
     result = evaluate(f"--workdir={untrained}", *metric_flags(metric_dirs), devices=1)
     assert result.returncode == 1
     assert last_error_line(result) == (
@@ -428,15 +427,17 @@ def test_bad_inputs_are_one_line(runs, metric_dirs, bench_dir, tmp_path):
     no_real.mkdir()
     empty.mkdir()
     (no_real / "config.json").write_text(
-        (runs / "dog" / "config.json").read_text().replace(str(bench_dir / "dog"), str(empty))
+        (runs / "subjects" / "dog" / "config.json")
+        .read_text()
+        .replace(str(bench_dir / "dog"), str(empty))
     )
     (no_real / "idfuse_weights.safetensors").write_bytes(
-        (runs / "dog" / "idfuse_weights.safetensors").read_bytes()
+        (runs / "subjects" / "dog" / "idfuse_weights.safetensors").read_bytes()
     )
     (tmp_path / dreambench.PROMPTS_FILE).write_text(
         (bench_dir / dreambench.PROMPTS_FILE).read_text()
     )
-    dog = runs / "dog"
+    dog = runs / "subjects" / "dog"
     cases = [
         (dict(workdir=dog, dino=clip, clip=clip),
          WeightsError, f"--dino {clip}: not a transformers ViTModel (DINO) folder"),

@@ -178,3 +178,16 @@ def test_shellcheck_clean():
         [shellcheck, "--external-sources", *scripts], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_tpu_vm_dreambench_command_of_the_readme_starts():
+    """README's v5e-32 line for the 30 DreamBench subjects: the command it runs parses."""
+    workdir = "gs://bucket/runs/dreambench"
+    flags = ("--config", "configs/dreambench.py", "--workdir", workdir)
+    (run,) = dry_run("tpu_vm.sh", "--skip-install", "my-v5e-32", "us-west4-a", *flags)
+    argv = training_argv(shlex.split(shlex.split(run)[-1].split(" && ")[1]))
+    assert argv == [*flags, "--config.multihost=true"]
+    result = parse(argv)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parsed = json.loads(result.stdout.splitlines()[-1])
+    assert parsed == {"workdir": workdir, "multihost": True, "batch_size": 1, "fsdp": 1}

@@ -17,6 +17,7 @@ import ml_collections
 from idfuse_jax import config_lib
 from idfuse_jax.data import dreambench
 from idfuse_jax.errors import ConfigError, DataError, WeightsError
+from idfuse_jax.subject import SUBJECTS_DIR
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "idfuse_weights.safetensors"
@@ -55,10 +56,13 @@ def protocol_prompts(
 
 
 def find_workdirs(run: str | pathlib.Path) -> list[pathlib.Path]:
-    """[run] if it is a training workdir, else its sub-folders that are (one per subject)."""
+    """The subject workdirs of `run`: those of a multi-subject job (run/subjects/NAME), [run]
+    if it is a single-subject workdir, else its sub-folders that are (one per subject)."""
     run = pathlib.Path(run)
     if not run.is_dir():
         raise ConfigError(f"--workdir {run}: folder not found")
+    if (run / CONFIG_FILE).is_file() and (run / SUBJECTS_DIR).is_dir():
+        return find_workdirs(run / SUBJECTS_DIR)
     if (run / CONFIG_FILE).is_file():
         return [run]
     found = sorted(p for p in run.iterdir() if (p / CONFIG_FILE).is_file())
