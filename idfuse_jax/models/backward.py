@@ -10,10 +10,12 @@ on the block's saved inputs alone). `jax.checkpoint` guards against this with an
 barrier, but XLA's CPU compiler strips barriers before scheduling (OptimizationBarrierExpander),
 so on CPU `remat` saved nothing.
 
-`after(cotangent, tree)` makes `tree` data-dependent on the cotangent by adding
-min(|first cotangent element|, 0), which is exactly zero (NaN only where the cotangent already
-holds a NaN) and which XLA's simplifier does not fold. Work on the result waits for the
-cotangent, i.e. for the backward pass to reach the layer.
+`after(trigger, tree)` makes `tree` data-dependent on `trigger` by adding
+min(|first element of trigger|, 0), which is exactly zero (NaN only where that element is NaN)
+and which XLA's simplifier does not fold. With a layer's cotangent as the trigger, work on the
+result waits for the backward pass to reach the layer (`conv_general_dilated`, `remat_call`, the
+blockwise attention's accumulators); with the layer's input, for the forward pass to reach it
+(`promote_dtype`: kernels cast to bfloat16).
 """
 
 from __future__ import annotations
