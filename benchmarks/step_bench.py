@@ -49,7 +49,7 @@ from diffusers import DDPMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 
-from idfuse_jax import build, config_lib, diffusion, method, metrics, optim, train_lib, weights
+from idfuse_jax import build, config_lib, diffusion, method, metrics, sharding, train_lib, weights
 from idfuse_jax.models import attention as attention_lib
 from idfuse_jax.models import clip, conditioning, unet, vae
 
@@ -309,8 +309,8 @@ def jax_models(spec, config, unet_module, text_module) -> build.Models:
 
 
 def jax_step_fn(spec, config, models, frozen, inputs: dict):
-    """(compiled step, its arguments, compile seconds, model FLOPs): train_lib.train_step with
-    the state donated."""
+    """(compiled step, its arguments, compile seconds, model FLOPs): the step training runs,
+    `train_lib.jit_subjects_step` with one subject on one device, the state donated."""
     nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
     subject = method.SubjectFeatures(
         latent_mean=nhwc(inputs["latent_mean"]),
@@ -319,39 +319,19 @@ def jax_step_fn(spec, config, models, frozen, inputs: dict):
         background_embeds=jnp.asarray(inputs["background_embeds"]),
         prompt_ids=jnp.asarray(inputs["prompt_ids"], jnp.int32),
         num_items=spec["batch"],
+        decouple=jnp.ones((spec["batch"],), jnp.float32),
     )
-    trainable = method.init_trainable(jax.random.key(0), models, config, frozen)
-    schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-    optimizer = optim.make_optimizer(config.optim, schedule)
-    state = train_lib.init_train_state(trainable, optimizer)
-
-    def jitted(models: build.Models):
-        step = functools.partial(
-            train_lib.train_step, models=models, config=config, optimizer=optimizer,
-            schedule=schedule,
-        )  # fmt: skip
-        return jax.jit(step, donate_argnums=0)
-
-    args = (state, frozen, subject, jnp.arange(spec["batch"]), jax.random.key(1))
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    state, key = train_lib.initial_state(config, models, frozen, 1, mesh)
+    frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
+    jitted = lambda models: train_lib.jit_subjects_step(models, config, mesh, frozen_shardings)
+    steps = jnp.full((1,), config.train.steps, jnp.int32)
+    args = (state, frozen, method.stack_subjects([subject], 1), jnp.arange(spec["batch"])[None],
+            key, steps)  # fmt: skip
     start = time.perf_counter()
     compiled = jitted(models).lower(*args).compile()
     seconds = time.perf_counter() - start
-    return compiled, args, seconds, model_flops(jitted, models, args)
-
-
-def model_flops(jitted, models: build.Models, args) -> float | None:
-    """FLOPs of the step's math, from the step lowered with materialised ("xla") attention.
-
-    The fused kernels' custom calls (cuDNN, Pallas) count no FLOPs in XLA's cost analysis, and
-    blockwise attention's backward recomputation is not model work; MFU counts neither.
-    """
-    xla = {"attention": "xla"}
-    plain = dataclasses.replace(
-        models, unet=models.unet.clone(**xla), text_encoder=models.text_encoder.clone(**xla)
-    )
-    cost = jitted(plain).lower(*args).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return (float(cost.get("flops", 0.0)) or None) if cost else None
+    return compiled, args, seconds, train_lib.model_flops(jitted, models, args) or None
 
 
 def run_size(name: str, spec: dict, args, th: Torch, tmp: pathlib.Path) -> Result:
