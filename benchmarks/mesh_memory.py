@@ -8,7 +8,7 @@ adapter and FFM, 512 px (64x64 latents), bfloat16 compute, a batch of 1 per subj
 argument is abstract (`jax.ShapeDtypeStruct`), so nothing is allocated; a mesh of N devices is N
 fake CPU devices. Per case it prints XLA's memory analysis of the compiled per-device program
 (arguments, outputs, temporaries, and the peak they add up to with the donated state aliased),
-the FLOPs per device of its cost analysis (what the training log reports), and the model FLOPs
+the FLOPs per device of its cost analysis (which counts a loop's body once), and the model FLOPs
 per device (the step lowered with materialised attention, whose FLOPs the cost analysis counts
 in full; `--nocompile` prints these alone, in seconds).
 

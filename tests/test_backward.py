@@ -110,3 +110,19 @@ def test_after_leaves_values_unchanged_whatever_the_trigger():
         np.testing.assert_array_equal(out["a"], tree["a"])
         assert out["b"].dtype == jnp.bfloat16
         np.testing.assert_array_equal(out["b"], tree["b"])
+
+
+def test_after_keeps_a_shared_leaf_unbatched_under_vmap():
+    """A frozen kernel shared by the subjects of a vmapped step stays one kernel when the
+    trigger is per subject (out_axes=None fails on a batched output), and gradients through
+    `after` are the identity's, mapped or not. A per-subject copy turned the step's convolutions
+    into grouped ones, which XLA's SPMD partitioner got wrong with the subject axis split."""
+    w = jnp.arange(24.0).reshape(2, 3, 4)
+    triggers = jnp.ones((5, 7))
+    tied = jax.vmap(lambda g: backward.after(g, w), out_axes=None)(triggers)
+    np.testing.assert_array_equal(tied, w)
+    f = lambda w, g: jnp.sum(jnp.sin(backward.after(g, w)))
+    expected = jnp.cos(w)
+    np.testing.assert_allclose(jax.grad(f)(w, triggers[0]), expected, rtol=1e-6)
+    per_trigger = jax.vmap(jax.grad(f), in_axes=(None, 0))(w, triggers)
+    np.testing.assert_allclose(per_trigger, jnp.broadcast_to(expected, (5, *w.shape)), rtol=1e-6)

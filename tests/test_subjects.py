@@ -353,4 +353,5 @@ def test_dreambench_tiny_runs_end_to_end_and_sample_and_evaluate_read_it(
     for name in names:
         sub = results["subjects"][name]
         assert sub["workdir"] == str(workdir / "subjects" / name)
-        assert sub["real_dir"] == str(dreambooth_dir / name) and sub["num_images"] == 1
+        real = pathlib.Path(sub["real_dir"]).resolve()
+        assert real == (dreambooth_dir / name).resolve() and sub["num_images"] == 1

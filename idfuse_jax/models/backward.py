@@ -28,9 +28,41 @@ import jax.numpy as jnp
 
 
 def after(trigger: jax.Array, tree: Any) -> Any:
-    """`tree` unchanged in value, computed only once `trigger` exists (see module docstring)."""
-    zero = jnp.minimum(jnp.abs(jax.lax.stop_gradient(trigger).reshape(-1)[0]), 0)
-    return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+    """`tree` unchanged in value, computed only once `trigger` exists (see module docstring).
+
+    Under `jax.vmap` a leaf keeps its own batching: a frozen kernel shared by every subject of
+    the subject axis stays one kernel even when the trigger (a cotangent) is per subject.
+    Without that, each subject got its own copy of every conv kernel, and the convolutions
+    became grouped convolutions over the subject axis, which XLA's SPMD partitioner gets wrong
+    when that axis is split over devices (wrong gradients, measured).
+    """
+    return jax.tree.map(lambda x: _tie(trigger, x), tree)
+
+
+def _zero(trigger: jax.Array) -> jax.Array:
+    return jnp.minimum(jnp.abs(jax.lax.stop_gradient(trigger).reshape(-1)[0]), 0)
+
+
+@jax.custom_batching.custom_vmap
+def _tied(trigger: jax.Array, x: jax.Array) -> jax.Array:
+    return x + _zero(trigger).astype(x.dtype)
+
+
+@_tied.def_vmap
+def _tied_vmap(axis_size: int, in_batched: list[bool], trigger: jax.Array, x: jax.Array):
+    del axis_size  # the trigger arrives with its batch axis; any element of it will do
+    return _tied(trigger, x), in_batched[1]
+
+
+@jax.custom_jvp
+def _tie(trigger: jax.Array, x: jax.Array) -> jax.Array:
+    return _tied(trigger, x)
+
+
+@_tie.defjvp
+def _tie_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]):
+    trigger, x = primals
+    return _tie(trigger, x), tangents[1]  # x + 0: the identity
 
 
 def promote_dtype(*args: Any, dtype: Any = None, inexact: bool = True) -> list[Any]:
