@@ -1,5 +1,5 @@
 """The method as pure functions of (modules, config, parameter trees, arrays): the trainable
-parameters and their LoRA merge, the training loss L = Σ_k w_k L_k, and sampling.
+parameters and their LoRA branch, the training loss L = Σ_k w_k L_k, and sampling.
 
 No I/O here: the per-subject arrays come from `idfuse_jax.subject`, the modules from
 `idfuse_jax.build`. Everything is traceable under `jax.jit`.
@@ -90,15 +90,22 @@ def init_trainable(
     return {"unet_lora": unet_lora, "text_lora": text_lora, "idfuse": idfuse}
 
 
-def merged_params(
+def model_variables(
     frozen: dict[str, Params], trainable: dict[str, Params], config: ml_collections.ConfigDict
-) -> tuple[Params, Params]:
-    """(UNet params, text-encoder params) with their LoRA merged in."""
+) -> tuple[dict[str, Params], dict[str, Params]]:
+    """Flax variables of the UNet and of the text encoder: the frozen weights as "params" and,
+    where LoRA trains, its branch as the `lora.LORA` collection (kept apart from the kernels)."""
     m = config.method
-    merge = lambda base, factors: (
-        lora.lora_merge(base, factors, m.lora_alpha, m.lora_rank) if factors else base
-    )
-    return merge(frozen["unet"], trainable["unet_lora"]), merge(
+
+    def variables(base: Params, factors: Params) -> dict[str, Params]:
+        if not factors:
+            return {"params": base}
+        return {
+            "params": base,
+            lora.LORA: lora.lora_collection(base, factors, m.lora_alpha, m.lora_rank),
+        }
+
+    return variables(frozen["unet"], trainable["unet_lora"]), variables(
         frozen["text"], trainable["text_lora"]
     )
 
@@ -116,11 +123,11 @@ def training_loss(
 
     `keys` holds one PRNG key per example (see train_lib.example_keys).
     """
-    unet_params, text_params = merged_params(frozen, trainable, config)
+    unet_vars, text_vars = model_variables(frozen, trainable, config)
     batch = indices.shape[0]
     # The identity prompt is the same for every example: encode it, and run its text-only FFM
     # pass, once (batch 1); broadcast only where per-example arrays meet.
-    f_s = models.text_encoder.apply({"params": text_params}, subject.prompt_ids).last_hidden_state
+    f_s = models.text_encoder.apply(text_vars, subject.prompt_ids).last_hidden_state
     f_s = f_s.astype(jnp.float32)
     decouple = None if subject.decouple is None else subject.decouple[indices]
     cond = conditioning.training_conditioning(
@@ -147,7 +154,7 @@ def training_loss(
 
     # Both UNet passes (full and text-only conditioning) as one batched call.
     pred = models.unet.apply(
-        {"params": unet_params},
+        unet_vars,
         jnp.concatenate([noisy, noisy]),
         jnp.concatenate([t, t]),
         jnp.concatenate([cond.full, jnp.broadcast_to(cond.text_only, cond.full.shape)]),
@@ -199,8 +206,8 @@ def generate(
     With `reference_embeds` ([1, D_img], E_I of a reference photo) the conditioning is
     FFM(E_T(prompt) + A(E_I(reference))): the background-preserving variant.
     """
-    unet_params, text_params = merged_params(frozen, trainable, config)
-    encode = lambda ids: models.text_encoder.apply({"params": text_params}, ids).last_hidden_state
+    unet_vars, text_vars = model_variables(frozen, trainable, config)
+    encode = lambda ids: models.text_encoder.apply(text_vars, ids).last_hidden_state
     n = prompt_ids.shape[0]
     if reference_embeds is None:
         cond, _ = conditioning.text_conditioning(
@@ -218,7 +225,7 @@ def generate(
     guidance = config.sample.guidance_scale
 
     def denoise(x, t):
-        out = models.unet.apply({"params": unet_params}, jnp.concatenate([x, x]), t, context)
+        out = models.unet.apply(unet_vars, jnp.concatenate([x, x]), t, context)
         c, u = jnp.split(out.astype(jnp.float32), 2)
         return u + guidance * (c - u)
 

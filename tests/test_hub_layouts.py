@@ -427,14 +427,14 @@ def test_diffusers_pipeline_with_exported_files_predicts_our_noise(hub, tmp_path
     latents = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)  # NHWC
     timesteps = np.array([500, 500])
     reference = rng.standard_normal((1, 16)).astype(np.float32)
-    unet_params, text_params = method.merged_params(frozen, trainable, config)
+    unet_vars, text_vars = method.model_variables(frozen, trainable, config)
     ids = jax.numpy.asarray(models.tokenizer(prompts))
-    text = models.text_encoder.apply({"params": text_params}, ids).last_hidden_state
+    text = models.text_encoder.apply(text_vars, ids).last_hidden_state
     cond, _ = conditioning.text_conditioning(models.idfuse, trainable["idfuse"], text)
     cond_ref, _ = conditioning.reference_conditioning(
         models.idfuse, trainable["idfuse"], text[:1], reference
     )
-    ours = models.unet.apply({"params": unet_params}, latents, timesteps, cond)
+    ours = models.unet.apply(unet_vars, latents, timesteps, cond)
 
     example = _example_module()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(

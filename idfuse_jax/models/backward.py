@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idfuse_jax.models.lora import LORA
+
 
 def after(trigger: jax.Array, tree: Any) -> Any:
     """`tree` unchanged in value, computed only once `trigger` exists (see module docstring).
@@ -113,7 +115,8 @@ def remat_call(module: nn.Module, *args: jax.Array) -> Any:
     output's cotangent arrives (unlike `nn.remat` on CPU, see the module docstring).
 
     Call it inside an `nn.compact` method with a submodule created there; parameters are the
-    submodule's, as with a plain call. Gradients are those of `module(*args)`.
+    submodule's, as with a plain call. Gradients are those of `module(*args)`, for the
+    parameters and for the LoRA branch (the `lora.LORA` collection).
     """
     definition = module.clone(parent=None)
 
@@ -129,4 +132,7 @@ def remat_call(module: nn.Module, *args: jax.Array) -> Any:
         _, vjp = jax.vjp(lambda v, *xs: definition.apply(v, *xs), variables, *inputs)
         return vjp(g)
 
-    return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(module, *args)
+    differentiable = ("params", LORA)
+    return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward, grad_vars=differentiable)(
+        module, *args
+    )

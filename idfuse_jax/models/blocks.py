@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idfuse_jax.models import lora
 from idfuse_jax.models.attention import dot_product_attention, merge_heads, split_heads
 from idfuse_jax.models.backward import conv_general_dilated, promote_dtype
 
@@ -48,14 +49,36 @@ def conv(
     )
 
 
-def dense(features: int, *, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=PARAM_DTYPE,
-        name=name,
-    )
+class Dense(nn.Module):
+    """nn.Dense (the same parameters, initialisers and products) with the LoRA branch: where
+    the `lora.LORA` collection holds lora_a/lora_b for this module, y = x·W + (x·A)·B' + b with
+    the branch kept apart from the kernel (`lora.lora_dense`)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = None
+    param_dtype: Dtype = PARAM_DTYPE
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        shape = (inputs.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, self.param_dtype)
+        bias = (
+            self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        if self.has_variable(lora.LORA, "lora_a"):
+            a, b = (self.get_variable(lora.LORA, name) for name in ("lora_a", "lora_b"))
+            y = lora.lora_dense(inputs, kernel, a, b)
+        else:
+            y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def dense(features: int, *, name: str, dtype: Dtype, use_bias: bool = True) -> Dense:
+    return Dense(features, use_bias=use_bias, dtype=dtype, name=name)
 
 
 def layer_norm(*, name: str, dtype: Dtype, epsilon: float = 1e-5) -> nn.LayerNorm:

@@ -7,9 +7,13 @@ targeted modules:
 
   {"down_blocks_0": {..., "to_q": {"lora_a": [in, r], "lora_b": [r, out]}}}
 
-and `lora_merge` returns the base tree with W' = W + (alpha / rank) * A @ B at every target. The
-merge is a pure function meant to run inside the jitted step: the frozen base tree is passed as
-a non-differentiated argument, so gradients exist only for A and B.
+and `lora_collection` turns it into the Flax variable collection `LORA` through which every
+targeted `models.blocks.Dense` computes y = x·W + (alpha / rank)·(x·A)·B, the branch kept apart
+from the frozen kernel as peft keeps it (`lora_dense`): merged into a bfloat16 kernel, a small
+delta would round away, and under the subject vmap every subject would hold its own merged copy
+of the targeted kernels. `lora_merge` gives the merged tree W' = W + (alpha / rank)·A @ B for a
+model without the branch. The frozen base tree is passed as a non-differentiated argument, so
+gradients exist only for A and B.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from idfuse_jax.errors import ConfigError
 from idfuse_jax.types import Params
 
 _SEP = "/"
+LORA = "lora"  # the variable collection the branch is applied through (models.blocks.Dense)
 
 
 def _flatten(tree: Params) -> dict[str, Any]:
@@ -101,33 +106,108 @@ def lora_scale(alpha: float, rank: int) -> float:
     return float(alpha) / rank
 
 
-def lora_merge(params: Params, lora_params: Params, alpha: float, rank: int) -> dict[str, Any]:
-    """`params` with W + (alpha/rank) * A @ B at every kernel `lora_params` holds factors for.
-
-    The sum is formed in float32 and cast back to the kernel's dtype. Untargeted leaves are
-    returned as they are (same objects), so the merge costs only the targeted matmuls.
-    """
-    scale = lora_scale(alpha, rank)
+def _checked_factors(
+    params: Params, lora_params: Params, rank: int
+) -> list[tuple[tuple[str, ...], jax.Array, jax.Array]]:
+    """(module path, A, B) of every module `lora_params` holds factors for, checked against
+    the kernel of that module in `params` (ConfigError naming the module otherwise)."""
     flat = traverse_util.flatten_dict(dict(params))
     factors = traverse_util.flatten_dict(dict(lora_params))
-    modules = {key[:-1] for key in factors}
-    for module in sorted(modules):
+    checked = []
+    for module in sorted({key[:-1] for key in factors}):
         name = _SEP.join(module)
         extra = {k[-1] for k in factors if k[:-1] == module} - {"lora_a", "lora_b"}
         if extra or (*module, "lora_a") not in factors or (*module, "lora_b") not in factors:
             raise ConfigError(f"LoRA module {name} must hold exactly lora_a and lora_b")
-        kernel_key = (*module, "kernel")
-        if kernel_key not in flat:
+        if (*module, "kernel") not in flat:
             raise ConfigError(f"LoRA module {name} has no kernel in the base parameters")
         a, b = factors[(*module, "lora_a")], factors[(*module, "lora_b")]
-        kernel = flat[kernel_key]
+        kernel = flat[(*module, "kernel")]
         if a.shape != (kernel.shape[0], rank) or b.shape != (rank, kernel.shape[-1]):
             raise ConfigError(
                 f"LoRA module {name}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} do not "
                 f"fit kernel {tuple(kernel.shape)} at rank {rank}"
             )
+        checked.append((module, a, b))
+    return checked
+
+
+def lora_collection(params: Params, lora_params: Params, alpha: float, rank: int) -> dict[str, Any]:
+    """The LoRA branch as the Flax variable collection `LORA` that `models.blocks.Dense` reads:
+    {module: {"lora_a": A, "lora_b": (alpha/rank) * B}}, checked against `params`' kernels.
+
+    Apply a model with {"params": params, LORA: lora_collection(...)}: each targeted Dense adds
+    x·A·B' to x·W, the kernel itself untouched (no merged copy of it is made).
+    """
+    scale = lora_scale(alpha, rank)
+    branch: dict[tuple[str, ...], jax.Array] = {}
+    for module, a, b in _checked_factors(params, lora_params, rank):
+        branch[(*module, "lora_a")] = a
+        branch[(*module, "lora_b")] = scale * b
+    return traverse_util.unflatten_dict(branch)
+
+
+def lora_merge(params: Params, lora_params: Params, alpha: float, rank: int) -> dict[str, Any]:
+    """`params` with W + (alpha/rank) * A @ B at every kernel `lora_params` holds factors for:
+    the merged form, for a model without the branch (the training and sampling code keep the
+    branch apart, see `lora_collection`).
+
+    The sum is formed in float32 and cast back to the kernel's dtype, so with a bfloat16 kernel
+    a delta below half a bfloat16 step of W is lost. Untargeted leaves are returned as they are
+    (same objects).
+    """
+    scale = lora_scale(alpha, rank)
+    flat = traverse_util.flatten_dict(dict(params))
+    for module, a, b in _checked_factors(params, lora_params, rank):
+        kernel = flat[(*module, "kernel")]
         delta = scale * jnp.matmul(
             a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
         )
-        flat[kernel_key] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        flat[(*module, "kernel")] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def _matmul(x: jax.Array, w: jax.Array, out: Any = None) -> jax.Array:
+    """x [..., in] · w [in, out] (output dtype `out`, default the operands')."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out)
+
+
+@jax.custom_vjp
+def _matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x · w with a float32 result for operands of a narrower dtype (the accumulator is
+    float32 anyway), so that the branch is added before the single rounding."""
+    return _matmul(x, w, jnp.float32)
+
+
+def _matmul_f32_forward(x: jax.Array, w: jax.Array):
+    return _matmul_f32(x, w), (x, w)
+
+
+def _matmul_f32_backward(residuals: tuple[jax.Array, jax.Array], g: jax.Array):
+    # Autodiff would multiply the float32 cotangent with the bfloat16 operands (a mixed, float32
+    # matmul on GPU/TPU). The cotangent arrives from a cast of the output to x's dtype, so it
+    # holds values of that dtype exactly: cast back, the backward matmuls run in x's dtype.
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+    lead = tuple(range(x.ndim - 1))
+    dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul_f32.defvjp(_matmul_f32_forward, _matmul_f32_backward)
+
+
+def lora_dense(x: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """x·W + (x·A)·B' in x's dtype (x and W already in the compute dtype, B' the scaled B).
+
+    The branch is kept apart from W, as peft does: merged into a bfloat16 kernel, a delta below
+    half a bfloat16 step of W would round away. In a narrower compute dtype the three products
+    run on operands of that dtype with float32 results, and base and branch are summed in
+    float32 before the one rounding of the output; in float32 this is x·W + (x·A)·B'.
+    """
+    if x.dtype == jnp.float32:
+        return _matmul(x, kernel) + _matmul(_matmul(x, a), b)
+    low = x.dtype
+    h = _matmul_f32(x, a.astype(low))
+    return (_matmul_f32(x, kernel) + _matmul_f32(h.astype(low), b.astype(low))).astype(low)
