@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.variant = ""
     c.model.dtype = "bfloat16"  # compute dtype of UNet and CLIP (VAE: float32)
     # Storage dtype of the frozen UNet and CLIP weights: "" keeps float32; "bfloat16" halves
-    # their memory (the compute casts them to model.dtype anyway; LoRA merges in float32).
+    # their memory (the compute casts them to model.dtype anyway; the LoRA branch stays apart).
     c.model.weights_dtype = ""
     c.model.remat = False  # rematerialise UNet blocks: less memory, ~30% more compute
     # Attention kernel of every model (idfuse_jax.models.attention): "auto" = cuDNN flash on GPU

@@ -2,6 +2,7 @@
 parity with diffusers, and bfloat16 keeping a small delta."""
 
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -359,3 +360,23 @@ def test_bfloat16_unet_keeps_a_small_lora_delta():
     ]
     # Measured: 1.015; the merged bfloat16 kernel gave 0.058.
     assert abs(_surviving_share(low - base, np.stack(reference)) - 1) < 0.1
+
+
+def test_bfloat16_branch_backward_multiplies_in_bfloat16():
+    """Every matmul of the bfloat16 Dense with LoRA, forward and backward, takes bfloat16
+    operands (autodiff alone would run the backward ones in float32: the cotangent of the
+    float32 sum is float32)."""
+    x = jnp.ones((8, 64), jnp.bfloat16)
+    params = {"kernel": jnp.ones((64, 32), jnp.bfloat16)}
+    dense = blocks.dense(32, name="layer", dtype=jnp.bfloat16, use_bias=False)
+
+    def loss(x, branch):
+        return jnp.sum(dense.apply(_variables(params, branch), x).astype(jnp.float32) ** 2)
+
+    branch = {"lora_a": jnp.ones((64, RANK)), "lora_b": jnp.ones((RANK, 32))}
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, branch).as_text()
+    operands = re.findall(
+        r"stablehlo.dot_general.*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", hlo
+    )
+    # Forward x·W, x·A, h·B; backward dx (through W and A), dh, dA, dB.
+    assert len(operands) == 8 and set(operands) == {("bf16", "bf16")}, operands

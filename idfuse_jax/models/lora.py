@@ -184,9 +184,10 @@ def _matmul_f32_forward(x: jax.Array, w: jax.Array):
 
 
 def _matmul_f32_backward(residuals: tuple[jax.Array, jax.Array], g: jax.Array):
-    # Autodiff would multiply the float32 cotangent with the bfloat16 operands (a mixed, float32
-    # matmul on GPU/TPU). The cotangent arrives from a cast of the output to x's dtype, so it
-    # holds values of that dtype exactly: cast back, the backward matmuls run in x's dtype.
+    # Autodiff would promote the bfloat16 operand to the float32 cotangent's dtype: float32
+    # backward matmuls (seen in the lowered StableHLO). The cotangent arrives through a cast of
+    # the output to x's dtype, so it holds values of that dtype exactly: cast back, the backward
+    # matmuls run in x's dtype (accumulating in float32 on GPU/TPU as any bfloat16 matmul).
     x, w = residuals
     g = g.astype(x.dtype)
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
