@@ -227,9 +227,12 @@ def _features(
 
     # One image at a time: a single compiled shape, and memory bounded at 512 px.
     size = models.image_encoder.config.image_size
-    encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
+    mesh = sharding.mesh_of(frozen)
+    encode = lambda p, x: models.vae.apply({"params": p}, x, method="encode")
+    encode = sharding.jit_on(mesh, encode)
     encode = encode.lower(frozen["vae"], images_lib.to_model(images[:1])).compile()
-    embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
+    embed = lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds
+    embed = sharding.jit_on(mesh, embed)
     embed = embed.lower(frozen["image"], clip_pixels(images[:1], size)).compile()
     # Both are collectives over the mesh: no process may start them while another still
     # compiles (CPU collectives give up on a peer 30 s late).

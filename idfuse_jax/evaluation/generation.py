@@ -121,7 +121,8 @@ def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sa
         keys = jax.random.wrap_key_data(key_data)
         return method.generate(models, config, frozen, trainable, ids, null_ids, keys)
 
-    fn = jax.jit(
+    fn = sharding.jit_on(
+        mesh,
         sample,
         in_shardings=(replicated, replicated, batch, batch),
         out_shardings=batch,
