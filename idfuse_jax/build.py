@@ -76,6 +76,12 @@ def _existing_folder(path: str, field: str, what: str) -> pathlib.Path:
 
 def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Params]]:
     """Small random models of `config.model.random` sizes (no files needed)."""
+    models = random_modules(config)
+    return models, random_weights(models, config)
+
+
+def random_modules(config: ml_collections.ConfigDict) -> Models:
+    """The networks of `random_models`, without their weights."""
     r = config.model.random
     dtype = DTYPES[config.model.dtype]
     attention = config.model.attention
@@ -118,7 +124,7 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
         patch_size=r.image_patch,
         projection_dim=r.projection_dim,
     )
-    models = _assemble(
+    return _assemble(
         config,
         unet.UNet2DConditionModel(
             unet_config, dtype=dtype, remat=config.model.remat, attention=attention
@@ -130,6 +136,10 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
         tokenizer,
         diffusion.Schedule.from_config(SD_SCHEDULE),
     )
+
+
+def random_weights(models: Models, config: ml_collections.ConfigDict) -> dict[str, Params]:
+    """Random frozen weights of `random_modules`' networks, stored as config.model asks."""
     keys = jax.random.split(jax.random.key(config.seed + 1), 4)
     modules = (models.unet, models.vae, models.text_encoder, models.image_encoder)
     frozen = {
@@ -139,7 +149,7 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
     store = WEIGHTS_DTYPES[config.model.weights_dtype]
     for name in ("unet", "text", "image"):
         frozen[name] = jax.tree.map(lambda x: x.astype(store), frozen[name])
-    return models, frozen
+    return frozen
 
 
 def pretrained_models(

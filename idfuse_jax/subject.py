@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -212,6 +213,15 @@ def prepare_subject_features(
         return _features(config, models, frozen, images, backgrounds, decouple)
 
 
+def feature_programs(models: Models, mesh: jax.sharding.Mesh | None) -> tuple[Any, Any]:
+    """(encode, embed), jitted for frozen weights on `mesh` (None: one device):
+    encode(vae params, images [B, R, R, 3] in [-1, 1]) -> VAE moments (mean, logvar);
+    embed(image encoder params, CLIP pixels) -> image embeddings [B, D_img]."""
+    encode = lambda p, x: models.vae.apply({"params": p}, x, method="encode")
+    embed = lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds
+    return sharding.jit_on(mesh, encode), sharding.jit_on(mesh, embed)
+
+
 def _features(
     config: ml_collections.ConfigDict,
     models: Models,
@@ -227,9 +237,8 @@ def _features(
 
     # One image at a time: a single compiled shape, and memory bounded at 512 px.
     size = models.image_encoder.config.image_size
-    encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
+    encode, embed = feature_programs(models, sharding.mesh_of(frozen))
     encode = encode.lower(frozen["vae"], images_lib.to_model(images[:1])).compile()
-    embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
     embed = embed.lower(frozen["image"], clip_pixels(images[:1], size)).compile()
     # Both are collectives over the mesh: no process may start them while another still
     # compiles (CPU collectives give up on a peer 30 s late).

@@ -113,20 +113,29 @@ def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sa
     """Models of `config` (frozen weights replicated) and a jit over the data axis."""
     mesh = sharding.make_mesh(-1, 1)
     models, frozen = build.build_models(config)
-    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     frozen = replicate(frozen, mesh)
+    fn = jit_generation(models, config, mesh)
+    return Sampler(models, frozen, fn, mesh, per_device_batch * mesh.size)
+
+
+def jit_generation(
+    models: build.Models, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+):
+    """(frozen, trainable, token ids [B, T], key data [B, ...]) -> images [B, R, R, 3], jitted
+    with the weights replicated over `mesh` and the batch split over its batch axes."""
+    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     null_ids = np.asarray(models.tokenizer([""]))
 
     def sample(frozen, trainable, ids, key_data):
         keys = jax.random.wrap_key_data(key_data)
         return method.generate(models, config, frozen, trainable, ids, null_ids, keys)
 
-    fn = jax.jit(
+    return sharding.jit_on(
+        mesh,
         sample,
         in_shardings=(replicated, replicated, batch, batch),
         out_shardings=batch,
     )
-    return Sampler(models, frozen, fn, mesh, per_device_batch * mesh.size)
 
 
 def load_trainable(sampler: Sampler, config: ml_collections.ConfigDict, path: pathlib.Path) -> dict:
