@@ -114,6 +114,8 @@ class Result:
     jax_temp_mib: float
     torch_peak_mib: float | None
     flops: float | None
+    jax_out_mib: float = 0.0
+    jax_peak_mib: float | None = None  # the device's measured peak (accelerators only)
 
 
 def bench_config(dtype: str, attention: str) -> Any:
@@ -375,6 +377,7 @@ def run_size(name: str, spec: dict, args, th: Torch, tmp: pathlib.Path) -> Resul
     # Alternate the two steps, so that both see the same load on a shared machine.
     jax_s, torch_s = timed_pair(jax_step, torch_step, args.warmup, repeats)
     torch_peak = None if torch_step is None else th.peak_extra_bytes(torch_step)
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU
     return Result(
         name,
         torch_s,
@@ -384,6 +387,8 @@ def run_size(name: str, spec: dict, args, th: Torch, tmp: pathlib.Path) -> Resul
         mem.temp_size_in_bytes / MIB,
         None if torch_peak is None else torch_peak / MIB,
         flops,
+        mem.output_size_in_bytes / MIB,
+        stats["peak_bytes_in_use"] / MIB if "peak_bytes_in_use" in stats else None,
     )
 
 
@@ -394,6 +399,11 @@ def report(r: Result, device_kind: str) -> None:
         f"(compile {r.compile_s:.1f} s); jax memory: arguments {r.jax_args_mib:.0f} MiB, "
         f"XLA temporaries {r.jax_temp_mib:.0f} MiB; pytorch peak rise {peak}"
     )
+    if r.jax_peak_mib is not None:
+        compiled = r.jax_args_mib + r.jax_temp_mib + r.jax_out_mib
+        print(f"{r.size}: jax device peak {r.jax_peak_mib:.0f} MiB measured (since start, "
+              f"every program of the run), compiled step {compiled:.0f} MiB "
+              f"(arguments + temporaries + outputs)")  # fmt: skip
     if r.flops:
         line = (
             f"{r.size}: {r.flops / 1e9:.1f} GFLOP/step (model, from the cost analysis), "
@@ -460,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="tiny,small", help="comma-separated: tiny,small,sd21")
     parser.add_argument(
-        "--attention", default="auto", choices=attention_lib.IMPLEMENTATIONS,
-        help="the JAX step's attention (model.attention)",
+        "--attention", default="auto",
+        help="the JAX step's attention (model.attention); comma-separated: one step each, the "
+        "PyTorch step timed beside the first only",
     )  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=tuple(build.DTYPES), default="float32")
@@ -481,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [s for s in args.size.split(",") if s]
     unknown = [s for s in sizes if s not in SIZES]
+    attentions = args.attention.split(",")
+    if bad := [a for a in attentions if a not in attention_lib.IMPLEMENTATIONS]:
+        parser.error(f"--attention {bad} not among {attention_lib.IMPLEMENTATIONS}")
     if unknown or (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
         parser.error(f"sizes must be among {sorted(SIZES)}, --repeats >= 1, --warmup >= 0")
     jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or args.device)
@@ -496,8 +510,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sd21: skipped, {available / 2**30:.0f} GiB free of the "
                       f"{SD21_CPU_BYTES / 2**30:.0f} GiB it needs on CPU")  # fmt: skip
                 continue
-            report(run_size(name, SIZES[name], args, th, pathlib.Path(tmp)), device_kind)
-            gc.collect()
+            for i, attention in enumerate(attentions):
+                run_args = argparse.Namespace(
+                    **{**vars(args), "attention": attention, "jax_only": args.jax_only or i > 0}
+                )
+                print(f"{name}: attention {attention}", flush=True)
+                report(run_size(name, SIZES[name], run_args, th, pathlib.Path(tmp)), device_kind)
+                gc.collect()
     if args.memory != "none":
         names = (
             ["xla", "blockwise"] + (["cudnn"] if args.device == "cuda" else [])
