@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from idfuse_jax import diffusion, weights
+from idfuse_jax import diffusion, presets, weights
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.models import clip, conditioning, unet, vae
 from idfuse_jax.tokenizer import ByteTokenizer
@@ -204,12 +204,15 @@ def _assemble(config, unet_model, vae_model, text_model, image_model, tokenizer,
             "config.model.image_encoder: the CLIP vision folder has no visual_projection "
             "(use a CLIPVisionModelWithProjection or CLIPModel folder)"
         )
+    preset = presets.of(config)  # the parts the method has
     idfuse = conditioning.IdFuse(
         image_width=image_width,
         text_width=text_width,
         num_experts=config.method.num_experts,
         expert_hidden_mult=config.method.expert_hidden_mult,
         adapter_hidden_mult=config.method.adapter_hidden_mult,
+        with_adapter=preset.image_branch,
+        with_ffm=preset.ffm,
     )
     return Models(unet_model, vae_model, text_model, image_model, idfuse, tokenizer, schedule)
 
