@@ -61,7 +61,7 @@ from idfuse_jax import (
     weights,
 )
 from idfuse_jax.models import attention as attention_lib
-from idfuse_jax.models import clip, conditioning, unet, vae
+from idfuse_jax.models import clip, unet, vae
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TOKENS = 77
@@ -350,15 +350,7 @@ def jax_models(spec, config, unet_module, text_module) -> build.Models:
         vae=vae.AutoencoderKL(vae.VAEConfig(latent_channels=LATENT_CHANNELS)),
         text_encoder=text_module,
         image_encoder=clip.CLIPVisionTransformer(image_config),
-        idfuse=conditioning.IdFuse(
-            image_width=spec["image_width"],
-            text_width=text_width,
-            num_experts=config.method.num_experts,
-            expert_hidden_mult=config.method.expert_hidden_mult,
-            adapter_hidden_mult=config.method.adapter_hidden_mult,
-            with_adapter=presets.of(config).image_branch,
-            with_ffm=presets.of(config).ffm,
-        ),
+        idfuse=build.idfuse_module(config, spec["image_width"], text_width),
         tokenizer=None,
         schedule=diffusion.Schedule.from_config(build.SD_SCHEDULE),
     )

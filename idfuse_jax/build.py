@@ -191,6 +191,22 @@ def pretrained_models(
     return models, frozen
 
 
+def idfuse_module(
+    config: ml_collections.ConfigDict, image_width: int, text_width: int
+) -> conditioning.IdFuse:
+    """The method's adapter and FFM, as far as the config's preset has them."""
+    preset = presets.of(config)
+    return conditioning.IdFuse(
+        image_width=image_width,
+        text_width=text_width,
+        num_experts=config.method.num_experts,
+        expert_hidden_mult=config.method.expert_hidden_mult,
+        adapter_hidden_mult=config.method.adapter_hidden_mult,
+        with_adapter=preset.image_branch,
+        with_ffm=preset.ffm,
+    )
+
+
 def _assemble(config, unet_model, vae_model, text_model, image_model, tokenizer, schedule):
     text_width = text_model.config.hidden_size
     if unet_model.config.cross_attention_dim != text_width:
@@ -204,16 +220,7 @@ def _assemble(config, unet_model, vae_model, text_model, image_model, tokenizer,
             "config.model.image_encoder: the CLIP vision folder has no visual_projection "
             "(use a CLIPVisionModelWithProjection or CLIPModel folder)"
         )
-    preset = presets.of(config)  # the parts the method has
-    idfuse = conditioning.IdFuse(
-        image_width=image_width,
-        text_width=text_width,
-        num_experts=config.method.num_experts,
-        expert_hidden_mult=config.method.expert_hidden_mult,
-        adapter_hidden_mult=config.method.adapter_hidden_mult,
-        with_adapter=preset.image_branch,
-        with_ffm=preset.ffm,
-    )
+    idfuse = idfuse_module(config, image_width, text_width)
     return Models(unet_model, vae_model, text_model, image_model, idfuse, tokenizer, schedule)
 
 

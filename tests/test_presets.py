@@ -4,6 +4,7 @@ reference step on diffusers/transformers, configured by the same preset) on the 
 and batch.
 """
 
+import dataclasses
 import functools
 import pathlib
 import sys
@@ -17,13 +18,14 @@ import transformers
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 
-from idfuse_jax import config_lib, export, method, presets, train_lib, weights
+from idfuse_jax import build, config_lib, export, method, presets, train_lib, weights
 from idfuse_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import step_bench  # noqa: E402  (benchmarks/ is not a package)
 from bench_models import save_and_load  # noqa: E402
+from test_train_loop import tiny_config  # noqa: E402
 
 
 def preset_config(name: str):
@@ -159,3 +161,77 @@ def test_disenbooth_step_matches_pytorch(tiny_models):
         scale = np.abs(theirs).max()
         assert scale > 0, path  # a live gradient, not two zeros
         np.testing.assert_allclose(ours, theirs, atol=2e-4 * scale, err_msg=str(path))
+
+
+# Per preset: (trainable parts of the method's modules, logged terms besides loss/denoise/
+# denoise_full, text-encoder LoRA on by default).
+PARTS = {
+    "idfuse": ({"adapter", "ffm"}, {"denoise_text_only", "text_image", "image_background",
+                                    "text_background", "router_weight", "router_entropy"}, True),
+    "idfuse_no_explicit": ({"adapter", "ffm"}, {"denoise_text_only", "text_image",
+                                                "router_weight", "router_entropy"}, True),
+    "idfuse_no_ffm": ({"adapter"}, {"denoise_text_only", "text_image", "image_background",
+                                    "text_background"}, True),
+    "idfuse_no_image_branch": ({"ffm"}, {"text_background", "router_weight", "router_entropy"},
+                               True),
+    "disenbooth": ({"adapter"}, {"denoise_text_only", "text_image"}, False),
+    "dreambooth_lora": (set(), set(), False),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_random_models():
+    """configs/tiny.py's random models (built once; each preset swaps the method's modules)."""
+    return build.build_models(tiny_config())
+
+
+@pytest.mark.parametrize("name", list(PARTS))
+def test_each_preset_builds_and_traces_its_parts(name, tiny_random_models):
+    """The tiny config's models and loss for every preset, traced (not compiled): the trainable
+    tree holds the preset's parts, the loss logs exactly its terms, and the UNet runs once per
+    conditioning the method has (batch 8: full, text-only, and prior with class images)."""
+    config = tiny_config(method__preset=name)
+    base, frozen = tiny_random_models
+    idfuse = build.idfuse_module(config, base.idfuse.image_width, base.idfuse.text_width)
+    models = dataclasses.replace(base, idfuse=idfuse, unet=base.unet.clone())
+    modules, logged, text_lora = PARTS[name]
+    trainable = jax.eval_shape(
+        lambda: method.init_trainable(jax.random.key(0), models, config, frozen)
+    )
+    assert set(trainable["idfuse"]) == modules
+    assert bool(trainable["text_lora"]) == text_lora and trainable["unet_lora"]
+    count = 3
+    subject = method.SubjectFeatures(
+        latent_mean=jnp.zeros((count, 4, 4, 4)),
+        latent_logvar=jnp.zeros((count, 4, 4, 4)),
+        image_embeds=jnp.ones((count, 32)),
+        background_embeds=jnp.ones((count, 32)),
+        prompt_ids=jnp.asarray(models.tokenizer(["a photo of sks dog"])),
+        num_items=count,
+        decouple=jnp.ones((count,)),
+        class_latent_mean=jnp.zeros((2, 4, 4, 4)),
+        class_latent_logvar=jnp.zeros((2, 4, 4, 4)),
+        class_prompt_ids=jnp.asarray(models.tokenizer(["a photo of dog"])),
+    )
+    batch = 8
+    unet_batches = []
+    real_apply = models.unet.apply
+
+    def spy(variables, x, *args, **kwargs):
+        unet_batches.append(x.shape[0])
+        return real_apply(variables, x, *args, **kwargs)
+
+    keys = train_lib.example_keys(jax.random.key(0), jnp.int32(0), batch)
+    object.__setattr__(models.unet, "apply", spy)
+    try:
+        _, terms = jax.eval_shape(
+            lambda t: method.training_loss(
+                models, config, frozen, t, subject, jnp.zeros((batch,), jnp.int32), keys
+            ),
+            trainable,
+        )
+    finally:
+        object.__delattr__(models.unet, "apply")
+    assert set(terms) == {"loss", "denoise", "denoise_full", "prior"} | logged
+    passes = 1 + ("denoise_text_only" in logged) + 1  # full, text-only, prior
+    assert unet_batches == [passes * batch]
