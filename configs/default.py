@@ -114,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.weights.image_background = 0.001  # L3 = -cos(f_i, f'_i)
     c.loss.weights.text_background = 0.001  # L4 = cos(pool(f_s), f'_i)
     c.loss.text_pool = "mean"  # mean over tokens (DisenBooth) | eos token
+    # A loss-weight sweep in one program: "TERM=V1,V2,..." (TERM a name of loss.weights) trains
+    # every subject once per value, each as its own slot of the subject axis, in
+    # WORKDIR/subjects/NAME@TERM=V (one subject: WORKDIR/subjects/TERM=V). "" trains loss.weights.
+    c.loss.sweep = ""
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4

@@ -57,6 +57,7 @@ ADDED: dict[str, Any] = {
     "train.object_steps": 0,
     "mesh.subject": 1,
     "method.preset": "idfuse",
+    "loss.sweep": "",
     "method.text_lora": "auto",
     "prior.class_images": 0,
     "prior.weight": 1.0,

@@ -207,6 +207,8 @@ def idfuse_loss(
     }
     values = {"denoise": denoise, **denoise_parts}
     values.update({k: compute[k]() for k in TERMS if k in terms and k != "denoise"})
-    total = sum(float(weights[k]) * values[k] for k in TERMS if k in terms)
+    # Python numbers from a config, or traced per-slot arrays of a loss-weight sweep.
+    weight = lambda k: weights[k] if isinstance(weights[k], jax.Array) else float(weights[k])
+    total = sum(weight(k) * values[k] for k in TERMS if k in terms)
     values["loss"] = total
     return total, values

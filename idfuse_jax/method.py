@@ -38,6 +38,9 @@ class SubjectFeatures:
     class_latent_mean: jax.Array | None = None
     class_latent_logvar: jax.Array | None = None
     class_prompt_ids: jax.Array | None = None
+    # A loss-weight sweep (config.loss.sweep): this slot's loss.weights [4] in losses.TERMS
+    # order, traced so that the slots of one program differ; None: config.loss.weights.
+    loss_weights: jax.Array | None = None
 
 
 def stack_subjects(subjects: Sequence[SubjectFeatures], count: int) -> SubjectFeatures:
@@ -204,7 +207,11 @@ def training_loss(
         jnp.broadcast_to(f_s, (batch, *f_s.shape[1:])),
         cond.image,
         cond.background,
-        weights=config.loss.weights,
+        weights=(
+            config.loss.weights
+            if subject.loss_weights is None
+            else dict(zip(losses.TERMS, subject.loss_weights, strict=True))
+        ),
         text_only_weight=presets.text_only_weight(config),
         text_pool=config.loss.text_pool,
         eos_index=jnp.broadcast_to(eos, (batch,)),

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from idfuse_jax import losses, metrics, presets, resources, sharding
 from idfuse_jax import method as method_lib
-from idfuse_jax import metrics, presets, resources, sharding
 from idfuse_jax.build import Models
 from idfuse_jax.data import dreambench, synthetic
 from idfuse_jax.data import images as images_lib
@@ -112,7 +112,7 @@ def subject_runs(
     d = config.data
     if not d.subjects:
         single = _single_config(config, d.instance_dir, d.class_name, d.synthetic_variant)
-        return [SubjectRun("", single, workdir)]
+        return sweep_runs(config, [SubjectRun("", single, workdir)], workdir)
     synthetic_root = d.instance_dir == "synthetic"
     if d.subjects == "all":
         if synthetic_root:
@@ -141,7 +141,48 @@ def subject_runs(
         if single.mesh.fsdp != -1:  # alone, the subject's batch takes every device
             single.mesh.data = -1
         runs.append(SubjectRun(name, single, workdir / SUBJECTS_DIR / name))
-    return runs
+    return sweep_runs(config, runs, workdir)
+
+
+def parse_sweep(value: str) -> tuple[str, list[float]]:
+    """'text_image=0.001,0.01' -> ('text_image', [0.001, 0.01])."""
+    term, sep, listed = value.partition("=")
+    problem = None
+    if not sep or term not in losses.TERMS:
+        problem = f"expected TERM=V1,V2,... with TERM one of {list(losses.TERMS)}"
+    else:
+        try:
+            values = [float(v) for v in listed.split(",")]
+        except ValueError:
+            values, problem = [], "the values must be numbers"
+        if any(v < 0 for v in values):
+            problem = "the weights must be non-negative"
+        elif len({f"{v:g}" for v in values}) != len(values):
+            problem = "a value is given twice"
+    if problem:
+        raise ConfigError(f"config.loss.sweep={value!r}: {problem}")
+    return term, values
+
+
+def sweep_runs(
+    config: ml_collections.ConfigDict, runs: list[SubjectRun], workdir: pathlib.Path
+) -> list[SubjectRun]:
+    """`runs`, each repeated once per value of config.loss.sweep with that loss weight: one
+    slot of the subject axis each, named NAME@TERM=V (one subject: TERM=V)."""
+    if not config.loss.get("sweep"):
+        return runs
+    term, values = parse_sweep(config.loss.sweep)
+    swept = []
+    for run in runs:
+        for value in values:
+            single = ml_collections.ConfigDict(run.config.to_dict())
+            single.loss.weights[term] = value
+            single.loss.sweep = ""
+            if single.mesh.fsdp != -1:  # alone, the slot's batch takes every device
+                single.mesh.data = -1
+            name = f"{run.name}@{term}={value:g}" if run.name else f"{term}={value:g}"
+            swept.append(SubjectRun(name, single, workdir / SUBJECTS_DIR / name))
+    return swept
 
 
 def subject_images(

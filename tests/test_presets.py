@@ -154,6 +154,7 @@ def test_disenbooth_step_matches_pytorch(tiny_models):
     print(f"loss: ours {float(loss):.7f} pytorch {torch_loss.item():.7f}")
     np.testing.assert_allclose(float(loss), torch_loss.item(), rtol=2e-5)
     flat_grads = traverse_util.flatten_dict(jax.device_get(grads))
+    worst = 0.0
     for path, (param, transposed) in params.items():
         ours = np.asarray(flat_grads[path])
         theirs = param.grad.numpy()
@@ -161,6 +162,8 @@ def test_disenbooth_step_matches_pytorch(tiny_models):
         scale = np.abs(theirs).max()
         assert scale > 0, path  # a live gradient, not two zeros
         np.testing.assert_allclose(ours, theirs, atol=2e-4 * scale, err_msg=str(path))
+        worst = max(worst, np.abs(ours - theirs).max() / scale)
+    print(f"{len(params)} gradients, worst max-abs error / max-abs gradient {worst:.1e}")
 
 
 # Per preset: (trainable parts of the method's modules, logged terms besides loss/denoise/
