@@ -29,18 +29,11 @@ from idfuse_jax import cli
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.evaluation import comparison, run
 
-flags.DEFINE_string("dino", None, "A transformers ViTModel folder (facebook/dino-vits16).")
-flags.DEFINE_string("clip", None, "A transformers CLIPModel folder (openai/clip-vit-base-patch32).")
+cli.define_evaluation_flags()  # as `evaluate` takes them
 flags.DEFINE_string("out", None, "Output folder of the comparison.")
-flags.DEFINE_integer("num_images", 4, "Images per prompt (the protocol: 4).")
-flags.DEFINE_integer("num_steps", None, "Sampler steps (default: each run's sample.num_steps).")
-flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance (default: each run's).")
-flags.DEFINE_integer("seed", 0, "Seed of the evaluation images.")
-flags.DEFINE_integer("max_prompts", None, "Only the first N prompts (default: all 25).")
-flags.DEFINE_integer("batch_size", 4, "Images generated per device per batch.")
 flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples of the subjects.")
 flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap.")
-flags.mark_flags_as_required(["dino", "clip", "out"])
+flags.mark_flags_as_required(["out"])
 
 EVAL_DIR = "eval"  # evaluate's default output folder inside a workdir
 
@@ -128,14 +121,7 @@ def main(argv: list[str]) -> None:
         resamples=f.resamples,
         bootstrap_seed=f.bootstrap_seed,
         command=command,
-        dino=f.dino,
-        clip=f.clip,
-        num_images=f.num_images,
-        num_steps=f.num_steps,
-        guidance_scale=f.guidance_scale,
-        seed=f.seed,
-        max_prompts=f.max_prompts,
-        batch_size=f.batch_size,
+        **cli.evaluation_flag_values(),
     )
     for name, row in table["methods"].items():
         cells = ", ".join(f"{k} {v['mean']:.3f}" for k, v in row.items())

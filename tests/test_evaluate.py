@@ -241,7 +241,11 @@ def runs(tmp_path_factory, bench_dir):
     """One training job of two subjects (dog: live, can: object) of the DreamBooth-layout
     folder, 2 steps each; each has its workdir in runs/subjects/NAME. Their sampler:
     configs/tiny.py's 8 steps."""
-    root = tmp_path_factory.mktemp("runs")
+    return train_bench_job(tmp_path_factory.mktemp("runs"), bench_dir)
+
+
+def train_bench_job(root: pathlib.Path, bench_dir: pathlib.Path, *overrides: str) -> pathlib.Path:
+    """The training CLI on the dog and can of `bench_dir`, 2 steps, 8 devices."""
     ok(
         subprocess.run(
             _command(
@@ -250,6 +254,7 @@ def runs(tmp_path_factory, bench_dir):
                 "--config.data.subjects=dog,can",
                 "--config.train.steps=2",
                 "--config.train.checkpoint_every=2",
+                *overrides,
             ),
             env=_env(8),
             cwd=REPO,
@@ -482,26 +487,12 @@ def test_bad_inputs_are_one_line(runs, metric_dirs, bench_dir, tmp_path):
 def dreambooth_runs(tmp_path_factory, bench_dir):
     """The same two subjects trained as DreamBooth-LoRA with prior preservation (2 class
     images each, drawn by the frozen model), 2 steps."""
-    root = tmp_path_factory.mktemp("dreambooth_runs")
-    ok(
-        subprocess.run(
-            _command(
-                root,
-                f"--config.data.instance_dir={bench_dir}",
-                "--config.data.subjects=dog,can",
-                "--config.method.preset=dreambooth_lora",
-                "--config.prior.class_images=2",
-                "--config.train.steps=2",
-                "--config.train.checkpoint_every=2",
-            ),
-            env=_env(8),
-            cwd=REPO,
-            text=True,
-            capture_output=True,
-            timeout=600,
-        )
+    return train_bench_job(
+        tmp_path_factory.mktemp("dreambooth_runs"),
+        bench_dir,
+        "--config.method.preset=dreambooth_lora",
+        "--config.prior.class_images=2",
     )
-    return root
 
 
 def test_dreambooth_lora_trains_what_its_preset_names(dreambooth_runs):
