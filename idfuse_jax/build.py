@@ -196,6 +196,12 @@ def idfuse_module(
 ) -> conditioning.IdFuse:
     """The method's adapter and FFM, as far as the config's preset has them."""
     preset = presets.of(config)
+    if preset.explicit and not preset.image_branch and image_width != text_width:
+        raise ConfigError(
+            f"config.method.preset={config.method.preset!r} compares image features (width "
+            f"{image_width}) with text features (width {text_width}) without an adapter to map "
+            "one to the other: use an image encoder whose projection width equals the text width"
+        )
     return conditioning.IdFuse(
         image_width=image_width,
         text_width=text_width,

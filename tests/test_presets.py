@@ -238,3 +238,10 @@ def test_each_preset_builds_and_traces_its_parts(name, tiny_random_models):
     assert set(terms) == {"loss", "denoise", "denoise_full", "prior"} | logged
     passes = 1 + ("denoise_text_only" in logged) + 1  # full, text-only, prior
     assert unet_batches == [passes * batch]
+
+
+def test_no_image_branch_needs_equal_widths():
+    config = tiny_config(method__preset="idfuse_no_image_branch")
+    with pytest.raises(ConfigError, match=r"compares image features \(width 24\) with text "):
+        build.idfuse_module(config, 24, 32)
+    assert build.idfuse_module(tiny_config(method__preset="disenbooth"), 24, 32).with_adapter
