@@ -49,9 +49,19 @@ from diffusers import DDPMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 
-from idfuse_jax import build, config_lib, diffusion, method, metrics, sharding, train_lib, weights
+from idfuse_jax import (
+    build,
+    config_lib,
+    diffusion,
+    method,
+    metrics,
+    presets,
+    sharding,
+    train_lib,
+    weights,
+)
 from idfuse_jax.models import attention as attention_lib
-from idfuse_jax.models import clip, conditioning, unet, vae
+from idfuse_jax.models import clip, unet, vae
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TOKENS = 77
@@ -174,20 +184,31 @@ def add_lora(model: torch.nn.Module, pattern: re.Pattern, rank: int, alpha: floa
 
 
 class TorchIdFuse(torch.nn.Module):
-    """The IEDM adapter and FFM as idfuse_jax.models.adapter / ffm compute them."""
+    """The IEDM adapter and FFM as idfuse_jax.models.adapter / ffm compute them (either may be
+    absent, as a method preset says: `idfuse_jax.presets`)."""
 
-    def __init__(self, image_width: int, text_width: int, experts: int) -> None:
+    def __init__(
+        self, image_width: int, text_width: int, experts: int, adapter: bool = True,
+        ffm: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.mask = torch.nn.Parameter(torch.zeros(image_width))
-        self.fc1 = torch.nn.Linear(image_width, image_width)
-        self.fc2 = torch.nn.Linear(image_width, image_width)
-        self.proj = torch.nn.Linear(image_width, text_width) if image_width != text_width else None
-        d = text_width
-        self.router = torch.nn.Linear(d, experts)
-        self.w_in = torch.nn.Parameter(torch.randn(experts, d, d) / d**0.5)
-        self.b_in = torch.nn.Parameter(torch.zeros(experts, d))
-        self.w_out = torch.nn.Parameter(torch.zeros(experts, d, d))
-        self.b_out = torch.nn.Parameter(torch.zeros(experts, d))
+        self.has_ffm = ffm
+        if adapter:
+            self.mask = torch.nn.Parameter(torch.zeros(image_width))
+            self.fc1 = torch.nn.Linear(image_width, image_width)
+            self.fc2 = torch.nn.Linear(image_width, image_width)
+        self.proj = (
+            torch.nn.Linear(image_width, text_width)
+            if adapter and image_width != text_width
+            else None
+        )
+        if ffm:
+            d = text_width
+            self.router = torch.nn.Linear(d, experts)
+            self.w_in = torch.nn.Parameter(torch.randn(experts, d, d) / d**0.5)
+            self.b_in = torch.nn.Parameter(torch.zeros(experts, d))
+            self.w_out = torch.nn.Parameter(torch.zeros(experts, d, d))
+            self.b_out = torch.nn.Parameter(torch.zeros(experts, d))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.proj is None else self.proj(x)
@@ -197,6 +218,8 @@ class TorchIdFuse(torch.nn.Module):
         return self.project(self.fc2(torch.relu(self.fc1(gated))) + gated)
 
     def fuse(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_ffm:
+            return x
         weights = torch.softmax(self.router(x), dim=-1)
         hidden = torch.nn.functional.gelu(torch.einsum("btd,kdh->btkh", x, self.w_in) + self.b_in)
         mixed = torch.einsum("btkh,khd->btd", weights[..., None] * hidden, self.w_out)
@@ -207,13 +230,71 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()
 
 
+def torch_idfuse(spec: dict, config) -> TorchIdFuse:
+    """The adapter and FFM of the config's method preset at the size `spec`."""
+    preset = presets.of(config)
+    return TorchIdFuse(
+        spec["image_width"], spec["text"]["hidden_size"], config.method.num_experts,
+        adapter=preset.image_branch, ffm=preset.ffm,
+    )  # fmt: skip
+
+
+def ddpm_scheduler() -> DDPMScheduler:
+    """diffusers' DDPM schedule with the library's SD training settings."""
+    ddpm_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+    return DDPMScheduler(**{k: build.SD_SCHEDULE[k] for k in ddpm_keys})
+
+
+def torch_loss(
+    config, idfuse: TorchIdFuse, torch_unet, torch_text, scheduler, x: dict, draws=None
+) -> torch.Tensor:
+    """The training loss of the config's method preset (`method.training_loss` in PyTorch).
+
+    `x`: the subject_inputs tensors; `draws`: the batch's (scaled latents, noise, timesteps),
+    NCHW, or None to draw them with torch's generator.
+    """
+    preset, w, mse = presets.of(config), config.loss.weights, torch.nn.functional.mse_loss
+    f_s = torch_text(x["prompt_ids"]).last_hidden_state  # [1, T, D]
+    if draws is None:
+        mean, logvar = x["latent_mean"], x["latent_logvar"]
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+    else:
+        latents, noise, t = draws
+    batch = latents.shape[0]
+    noisy = scheduler.add_noise(latents, noise, t)
+    f_i = idfuse.adapt(x["image_embeds"]) if preset.image_branch else None
+    full = idfuse.fuse(f_s) if f_i is None else idfuse.fuse(f_s + f_i[:, None])
+    conds = [full.expand(batch, -1, -1)]
+    if preset.text_only:
+        conds.append(idfuse.fuse(f_s).expand(batch, -1, -1))
+    n = len(conds)
+    preds = torch_unet(torch.cat([noisy] * n), torch.cat([t] * n), torch.cat(conds)).sample
+    preds = preds.chunk(n)
+    denoise = mse(preds[0], noise)
+    if preset.text_only:
+        denoise = denoise + config.loss.text_only_weight * mse(preds[1], noise)
+    loss = w.denoise * denoise
+    pooled = f_s.mean(1).expand(batch, -1)
+    if "text_image" in preset.terms:
+        loss = loss + w.text_image * _cos(pooled, f_i)
+    if preset.explicit:
+        with torch.no_grad():
+            f_bg = idfuse.project(x["background_embeds"])
+        if "image_background" in preset.terms:
+            loss = loss - w.image_background * _cos(f_i, f_bg)
+        loss = loss + w.text_background * _cos(pooled, f_bg)
+    return loss
+
+
 def torch_step_fn(spec, config, torch_unet, torch_text, th: Torch, inputs: dict):
     """A closure running one PyTorch training step (forward, backward, clip, AdamW)."""
-    m, w = config.method, config.loss.weights
-    text_width = spec["text"]["hidden_size"]
-    idfuse = TorchIdFuse(spec["image_width"], text_width, m.num_experts).to(th.device)
+    m = config.method
+    idfuse = torch_idfuse(spec, config).to(th.device)
     trainable = add_lora(torch_unet, TORCH_UNET_LORA, m.lora_rank, m.lora_alpha)
-    trainable += add_lora(torch_text, TORCH_TEXT_LORA, m.lora_rank, m.lora_alpha)
+    if presets.text_lora_targets(config):
+        trainable += add_lora(torch_text, TORCH_TEXT_LORA, m.lora_rank, m.lora_alpha)
     torch_unet.to(th.device).train()
     torch_text.to(th.device).train()
     trainable += list(idfuse.parameters())
@@ -224,10 +305,8 @@ def torch_step_fn(spec, config, torch_unet, torch_text, th: Torch, inputs: dict)
         eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
     )
-    ddpm_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
-    scheduler = DDPMScheduler(**{k: build.SD_SCHEDULE[k] for k in ddpm_keys})
+    scheduler = ddpm_scheduler()
     x = {k: th.tensor(v) for k, v in inputs.items()}
-    mse = torch.nn.functional.mse_loss
 
     # bfloat16 as JAX runs it: float32 parameters and optimiser, bfloat16 compute (autocast).
     autocast = functools.partial(
@@ -236,37 +315,12 @@ def torch_step_fn(spec, config, torch_unet, torch_text, th: Torch, inputs: dict)
 
     def step() -> float:
         with autocast():
-            loss = forward()
+            loss = torch_loss(config, idfuse, torch_unet, torch_text, scheduler, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return th.sync(loss.item())
-
-    def forward() -> torch.Tensor:
-        f_s = torch_text(x["prompt_ids"]).last_hidden_state  # [1, T, D]
-        f_i = idfuse.adapt(x["image_embeds"])
-        with torch.no_grad():
-            f_bg = idfuse.project(x["background_embeds"])
-        full = idfuse.fuse(f_s + f_i[:, None])
-        text_only = idfuse.fuse(f_s).expand_as(full)
-        mean, logvar = x["latent_mean"], x["latent_logvar"]
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (latents.shape[0],), device=th.device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        pred = torch_unet(
-            torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([full, text_only])
-        ).sample
-        pred_full, pred_text = pred.chunk(2)
-        pooled = f_s.mean(1).expand_as(f_i)
-        return (
-            w.denoise
-            * (mse(pred_full, noise) + config.loss.text_only_weight * mse(pred_text, noise))
-            + w.text_image * _cos(pooled, f_i)
-            - w.image_background * _cos(f_i, f_bg)
-            + w.text_background * _cos(pooled, f_bg)
-        )
 
     return step
 
@@ -298,23 +352,16 @@ def jax_models(spec, config, unet_module, text_module) -> build.Models:
         vae=vae.AutoencoderKL(vae.VAEConfig(latent_channels=LATENT_CHANNELS)),
         text_encoder=text_module,
         image_encoder=clip.CLIPVisionTransformer(image_config),
-        idfuse=conditioning.IdFuse(
-            image_width=spec["image_width"],
-            text_width=text_width,
-            num_experts=config.method.num_experts,
-            expert_hidden_mult=config.method.expert_hidden_mult,
-            adapter_hidden_mult=config.method.adapter_hidden_mult,
-        ),
+        idfuse=build.idfuse_module(config, spec["image_width"], text_width),
         tokenizer=None,
         schedule=diffusion.Schedule.from_config(build.SD_SCHEDULE),
     )
 
 
-def jax_step_fn(spec, config, models, frozen, inputs: dict):
-    """(compiled step, its arguments, compile seconds, model FLOPs): the step training runs,
-    `train_lib.jit_subjects_step` with one subject on one device, the state donated."""
+def jax_subject(spec: dict, inputs: dict) -> method.SubjectFeatures:
+    """`subject_inputs` as the step takes them (NHWC latents)."""
     nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
-    subject = method.SubjectFeatures(
+    return method.SubjectFeatures(
         latent_mean=nhwc(inputs["latent_mean"]),
         latent_logvar=nhwc(inputs["latent_logvar"]),
         image_embeds=jnp.asarray(inputs["image_embeds"]),
@@ -323,6 +370,12 @@ def jax_step_fn(spec, config, models, frozen, inputs: dict):
         num_items=spec["batch"],
         decouple=jnp.ones((spec["batch"],), jnp.float32),
     )
+
+
+def jax_step_fn(spec, config, models, frozen, inputs: dict):
+    """(compiled step, its arguments, compile seconds, model FLOPs): the step training runs,
+    `train_lib.jit_subjects_step` with one subject on one device, the state donated."""
+    subject = jax_subject(spec, inputs)
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     state, key = train_lib.initial_state(config, models, frozen, 1, mesh)
     frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)

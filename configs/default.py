@@ -79,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.inpaint_model = ""  # diffusers SD inpainting pipeline folder for inpaint="sd"
 
     c.method = ml_collections.ConfigDict()
+    # Which method trains (idfuse_jax/presets.py): idfuse | idfuse_no_explicit | idfuse_no_ffm |
+    # idfuse_no_image_branch (the paper's ablations) | disenbooth | dreambooth_lora. The other
+    # fields below apply to the parts the preset has.
+    c.method.preset = "idfuse"
     c.method.background = "implicit"  # f_com = f_s + f_i (implicit) or f_s + f'_i (explicit)
     c.method.num_experts = 4  # FFM experts K
     c.method.expert_hidden_mult = 1  # expert MLP hidden width = mult x text width
@@ -88,6 +92,18 @@ def get_config() -> ml_collections.ConfigDict:
     # Regular expressions over '/'-joined parameter paths; "" switches LoRA off for that model.
     c.method.unet_lora_targets = r".*attn[12]/(to_q|to_k|to_v|to_out_0)/kernel"
     c.method.text_lora_targets = r".*self_attn/(q_proj|k_proj|v_proj|out_proj)/kernel"
+    # Text-encoder LoRA: auto (the preset's choice: on for IdFuse and its ablations, off for
+    # disenbooth and dreambooth_lora) | on | off.
+    c.method.text_lora = "auto"
+
+    # DreamBooth's prior preservation (any preset; meant for dreambooth_lora): before training,
+    # the frozen model draws class_images images of prior.prompt (cached in WORKDIR/class_images/),
+    # and each step adds weight x the denoising loss of a batch of them, conditioned on the
+    # prompt's text path. 0 switches it off.
+    c.prior = ml_collections.ConfigDict()
+    c.prior.class_images = 0
+    c.prior.weight = 1.0
+    c.prior.prompt = "a photo of {class_name}"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.text_only_weight = 0.01  # weak denoising with FFM(f_s) alone (the inference path)
@@ -98,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.weights.image_background = 0.001  # L3 = -cos(f_i, f'_i)
     c.loss.weights.text_background = 0.001  # L4 = cos(pool(f_s), f'_i)
     c.loss.text_pool = "mean"  # mean over tokens (DisenBooth) | eos token
+    # A loss-weight sweep in one program: "TERM=V1,V2,..." (TERM a name of loss.weights) trains
+    # every subject once per value, each as its own slot of the subject axis, in
+    # WORKDIR/subjects/NAME@TERM=V (one subject: WORKDIR/subjects/TERM=V). "" trains loss.weights.
+    c.loss.sweep = ""
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4

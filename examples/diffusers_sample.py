@@ -40,8 +40,9 @@ class IdFuse:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.t = {k.removeprefix("idfuse."): v.float() for k, v in tensors.items()
                   if k.startswith("idfuse.")}  # fmt: skip
-        if "ffm.w_in" not in self.t:
-            raise ValueError("no idfuse.ffm.* tensors: not an idfuse_weights.safetensors file")
+        # Presets without FFM (idfuse_no_ffm, disenbooth, dreambooth_lora) store none: then
+        # the conditioning goes to the UNet as it is.
+        self.has_ffm = "ffm.w_in" in self.t
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> IdFuse:
@@ -57,8 +58,10 @@ class IdFuse:
         return self._dense(out, "adapter.proj") if "adapter.proj.kernel" in self.t else out
 
     def ffm(self, x: torch.Tensor) -> torch.Tensor:
-        """Σ_k softmax(router(x))_k (x + MLP_k(x)) per token, for x [B, T, D]."""
+        """Σ_k softmax(router(x))_k (x + MLP_k(x)) per token, for x [B, T, D] (x without FFM)."""
         x = x.float()
+        if not self.has_ffm:
+            return x
         w = torch.softmax(self._dense(x, "ffm.router"), dim=-1)  # [B, T, K]
         hidden = torch.nn.functional.gelu(
             torch.einsum("btd,kdh->btkh", x, self.t["ffm.w_in"]) + self.t["ffm.b_in"]

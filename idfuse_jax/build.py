@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from idfuse_jax import diffusion, weights
+from idfuse_jax import diffusion, presets, weights
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.models import clip, conditioning, unet, vae
 from idfuse_jax.tokenizer import ByteTokenizer
@@ -201,6 +201,28 @@ def pretrained_models(
     return models, frozen
 
 
+def idfuse_module(
+    config: ml_collections.ConfigDict, image_width: int, text_width: int
+) -> conditioning.IdFuse:
+    """The method's adapter and FFM, as far as the config's preset has them."""
+    preset = presets.of(config)
+    if preset.explicit and not preset.image_branch and image_width != text_width:
+        raise ConfigError(
+            f"config.method.preset={config.method.preset!r} compares image features (width "
+            f"{image_width}) with text features (width {text_width}) without an adapter to map "
+            "one to the other: use an image encoder whose projection width equals the text width"
+        )
+    return conditioning.IdFuse(
+        image_width=image_width,
+        text_width=text_width,
+        num_experts=config.method.num_experts,
+        expert_hidden_mult=config.method.expert_hidden_mult,
+        adapter_hidden_mult=config.method.adapter_hidden_mult,
+        with_adapter=preset.image_branch,
+        with_ffm=preset.ffm,
+    )
+
+
 def _assemble(config, unet_model, vae_model, text_model, image_model, tokenizer, schedule):
     text_width = text_model.config.hidden_size
     if unet_model.config.cross_attention_dim != text_width:
@@ -214,13 +236,7 @@ def _assemble(config, unet_model, vae_model, text_model, image_model, tokenizer,
             "config.model.image_encoder: the CLIP vision folder has no visual_projection "
             "(use a CLIPVisionModelWithProjection or CLIPModel folder)"
         )
-    idfuse = conditioning.IdFuse(
-        image_width=image_width,
-        text_width=text_width,
-        num_experts=config.method.num_experts,
-        expert_hidden_mult=config.method.expert_hidden_mult,
-        adapter_hidden_mult=config.method.adapter_hidden_mult,
-    )
+    idfuse = idfuse_module(config, image_width, text_width)
     return Models(unet_model, vae_model, text_model, image_model, idfuse, tokenizer, schedule)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from absl import flags
 
@@ -28,6 +28,31 @@ def run_or_fail(fn: Callable[..., T], *args, **kwargs) -> T:
         return fn(*args, **kwargs)
     except UserError as e:
         fail(str(e))
+
+
+# The flags `evaluate` and `compare` share: the metric models and how the images are drawn.
+EVALUATION_FLAGS = ("dino", "clip", "num_images", "num_steps", "guidance_scale", "seed",
+                    "max_prompts", "batch_size")  # fmt: skip
+
+
+def define_evaluation_flags() -> None:
+    """Define `EVALUATION_FLAGS` (--dino and --clip required)."""
+    flags.DEFINE_string("dino", None, "A transformers ViTModel folder (facebook/dino-vits16).")
+    flags.DEFINE_string(
+        "clip", None, "A transformers CLIPModel folder (openai/clip-vit-base-patch32)."
+    )
+    flags.DEFINE_integer("num_images", 4, "Images per prompt (the protocol: 4).")
+    flags.DEFINE_integer("num_steps", None, "Sampler steps (default: each run's sample.num_steps).")
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance (default: each run's).")
+    flags.DEFINE_integer("seed", 0, "Seed from which every image's own seed is derived.")
+    flags.DEFINE_integer("max_prompts", None, "Only the first N prompts (default: all 25).")
+    flags.DEFINE_integer("batch_size", 4, "Images generated per device per batch.")
+    flags.mark_flags_as_required(["dino", "clip"])
+
+
+def evaluation_flag_values() -> dict[str, Any]:
+    """{name: value} of `EVALUATION_FLAGS`, as `evaluation.run.evaluate` takes them."""
+    return {name: flags.FLAGS[name].value for name in EVALUATION_FLAGS}
 
 
 def parse_flags(argv: list[str]) -> list[str]:

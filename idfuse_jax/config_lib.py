@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 from flax import traverse_util
 
-from idfuse_jax import build, diffusion, losses, optim
+from idfuse_jax import build, diffusion, losses, optim, presets
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.models import attention, conditioning
 from idfuse_jax.prepare.inpaint import INPAINTERS
@@ -30,6 +30,8 @@ CHOICES = {
     "model.attention": attention.IMPLEMENTATIONS,
     "model.weights_dtype": tuple(build.WEIGHTS_DTYPES),
     "method.background": conditioning.BACKGROUND_MODES,
+    "method.preset": tuple(presets.PRESETS),
+    "method.text_lora": presets.TEXT_LORA_CHOICES,
     "loss.text_pool": losses.TEXT_POOLS,
     "optim.schedule": optim.SCHEDULES,
     "sample.sampler": tuple(diffusion.SAMPLERS),
@@ -54,6 +56,12 @@ ADDED: dict[str, Any] = {
     "data.synthetic_variant": 0,
     "train.object_steps": 0,
     "mesh.subject": 1,
+    "method.preset": "idfuse",
+    "loss.sweep": "",
+    "method.text_lora": "auto",
+    "prior.class_images": 0,
+    "prior.weight": 1.0,
+    "prior.prompt": "a photo of {class_name}",
 }
 POSITIVE = (
     "data.resolution",
@@ -82,6 +90,8 @@ NON_NEGATIVE = (
     "data.min_size",
     "data.synthetic_variant",
     "train.object_steps",
+    "prior.class_images",
+    "prior.weight",
 )
 
 
@@ -122,7 +132,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = _get(config, field)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"config.{field}={value!r} must be a non-negative number")
-    for field in ("optim.warmup_steps", "train.object_steps", "data.synthetic_variant"):
+    for field in (
+        "optim.warmup_steps",
+        "train.object_steps",
+        "data.synthetic_variant",
+        "prior.class_images",
+    ):
         if not _is_int(_get(config, field)):
             raise ConfigError(f"config.{field}={_get(config, field)!r} must be an integer")
     if config.sample.num_steps > MAX_SAMPLE_STEPS:
@@ -150,6 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if not config.sample.prompts:
         raise ConfigError("config.sample.prompts is empty: give at least one validation prompt")
+    presets.validate(config)
 
 
 def renamed_key_message(key: str) -> str | None:

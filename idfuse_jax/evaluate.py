@@ -21,20 +21,12 @@ from absl import app, flags, logging
 from idfuse_jax import cli
 from idfuse_jax.evaluation.run import evaluate
 
+cli.define_evaluation_flags()  # --dino --clip --num_images --num_steps ... (shared with compare)
 flags.DEFINE_string("workdir", None, "A training workdir, or a folder of them (one per subject).")
-flags.DEFINE_string("dino", None, "A transformers ViTModel folder (facebook/dino-vits16).")
-flags.DEFINE_string("clip", None, "A transformers CLIPModel folder (openai/clip-vit-base-patch32).")
 flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval, or beside --images).")
-flags.DEFINE_integer("num_images", 4, "Images per prompt (the protocol: 4).")
-flags.DEFINE_integer("num_steps", None, "Sampler steps (default: each run's sample.num_steps).")
-flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance (default: each run's).")
-flags.DEFINE_integer("seed", 0, "Seed from which every image's own seed is derived.")
 flags.DEFINE_bool("real_baseline", False, "Also score the real images among themselves.")
 flags.DEFINE_string("images", None, "Score this folder (SUBJECT/PP_K.png) without generating.")
 flags.DEFINE_string("dreambench", None, "DreamBench folder: real images DIR/SUBJECT, prompts.")
-flags.DEFINE_integer("max_prompts", None, "Only the first N prompts (default: all 25).")
-flags.DEFINE_integer("batch_size", 4, "Images generated per device per batch.")
-flags.mark_flags_as_required(["dino", "clip"])
 
 
 def main(argv: list[str]) -> None:
@@ -44,19 +36,12 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     results = cli.run_or_fail(
         evaluate,
-        dino=f.dino,
-        clip=f.clip,
         workdir=f.workdir,
         out=f.out,
-        num_images=f.num_images,
-        num_steps=f.num_steps,
-        guidance_scale=f.guidance_scale,
-        seed=f.seed,
         real_baseline=f.real_baseline,
         images=f.images,
         dreambench=f.dreambench,
-        max_prompts=f.max_prompts,
-        batch_size=f.batch_size,
+        **cli.evaluation_flag_values(),
     )
     o = results["overall"]
     print(

@@ -25,7 +25,7 @@ projection is the identity and L3, L4 compare the raw f'_i, exactly as the equat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -132,10 +132,13 @@ def text_background_loss(
 
 
 def denoise_loss(
-    pred: jax.Array, pred_text_only: jax.Array, target: jax.Array, text_only_weight: float
+    pred: jax.Array, pred_text_only: jax.Array | None, target: jax.Array, text_only_weight: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L1 = mse(pred, target) + text_only_weight * mse(pred_text_only, target), with both parts."""
+    """L1 = mse(pred, target) + text_only_weight * mse(pred_text_only, target), with both parts
+    (without a text-only prediction: mse(pred, target) alone)."""
     full = mse(pred, target)
+    if pred_text_only is None:
+        return full, {"denoise_full": full}
     text_only = mse(pred_text_only, target)
     return full + text_only_weight * text_only, {
         "denoise_full": full,
@@ -155,11 +158,11 @@ def _warn_constant_text_background() -> None:
 
 def idfuse_loss(
     pred: jax.Array,
-    pred_text_only: jax.Array,
+    pred_text_only: jax.Array | None,
     target: jax.Array,
     text_features: jax.Array,
-    image_features: jax.Array,
-    background_features: jax.Array,
+    image_features: jax.Array | None,
+    background_features: jax.Array | None,
     *,
     weights: Mapping[str, float] = DEFAULT_WEIGHTS,
     text_only_weight: float = 0.01,
@@ -167,8 +170,10 @@ def idfuse_loss(
     eos_index: jax.Array | None = None,
     text_trainable: bool = True,
     decouple: jax.Array | None = None,
+    terms: Sequence[str] = TERMS,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = Σ_k weights[k] · L_k over `TERMS`, and every term for logging.
+    """L = Σ_k weights[k] · L_k over the method's `terms` (default: all of `TERMS`), and every
+    term for logging.
 
     Args:
       pred, pred_text_only: UNet outputs conditioned on f_r and on FFM(f_s).
@@ -180,24 +185,30 @@ def idfuse_loss(
         warning says so once.
       decouple: optional per-example weights [B] of L3 and L4: 1 where f'_i is a usable
         background, 0 where the photo trains without explicit decoupling (its mask failed).
+      terms: the terms the method has (`presets.Preset.terms`); the others are neither
+        computed nor logged, and their features may be None.
 
     Returns:
-      (total, terms): terms holds "loss", every name of `TERMS`, "denoise_full" and
-      "denoise_text_only".
+      (total, terms): terms holds "loss", every name of `terms`, "denoise_full" and (with a
+      text-only prediction) "denoise_text_only".
     """
     if set(weights) != set(TERMS):
         raise ConfigError(f"loss weights must name exactly {list(TERMS)}, got {sorted(weights)}")
-    if not text_trainable:
+    if not text_trainable and "text_background" in terms:
         _warn_constant_text_background()
     pooled = pool_text(text_features, text_pool, eos_index)
     denoise, denoise_parts = denoise_loss(pred, pred_text_only, target, text_only_weight)
-    terms = {
-        "denoise": denoise,
-        **denoise_parts,
-        "text_image": text_image_loss(pooled, image_features),
-        "image_background": image_background_loss(image_features, background_features, decouple),
-        "text_background": text_background_loss(pooled, background_features, decouple),
+    compute = {
+        "text_image": lambda: text_image_loss(pooled, image_features),
+        "image_background": lambda: image_background_loss(
+            image_features, background_features, decouple
+        ),
+        "text_background": lambda: text_background_loss(pooled, background_features, decouple),
     }
-    total = sum(float(weights[k]) * terms[k] for k in TERMS)
-    terms["loss"] = total
-    return total, terms
+    values = {"denoise": denoise, **denoise_parts}
+    values.update({k: compute[k]() for k in TERMS if k in terms and k != "denoise"})
+    # Python numbers from a config, or traced per-slot arrays of a loss-weight sweep.
+    weight = lambda k: weights[k] if isinstance(weights[k], jax.Array) else float(weights[k])
+    total = sum(weight(k) * values[k] for k in TERMS if k in terms)
+    values["loss"] = total
+    return total, values

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from idfuse_jax import diffusion, losses
+from idfuse_jax import diffusion, losses, presets
 from idfuse_jax.build import Models
 from idfuse_jax.models import clip, conditioning, lora
 from idfuse_jax.types import Params
@@ -33,6 +33,14 @@ class SubjectFeatures:
     # [M] float32: 1 where x'_i is a usable background (L3, L4 count it), 0 where the photo's
     # mask failed and it trains without explicit decoupling; None: every image has one.
     decouple: jax.Array | None = None
+    # Prior preservation (config.prior): VAE moments [C, h, w, c] of the frozen model's class
+    # images and the class prompt's ids [1, T]; None without it.
+    class_latent_mean: jax.Array | None = None
+    class_latent_logvar: jax.Array | None = None
+    class_prompt_ids: jax.Array | None = None
+    # A loss-weight sweep (config.loss.sweep): this slot's loss.weights [4] in losses.TERMS
+    # order, traced so that the slots of one program differ; None: config.loss.weights.
+    loss_weights: jax.Array | None = None
 
 
 def stack_subjects(subjects: Sequence[SubjectFeatures], count: int) -> SubjectFeatures:
@@ -78,15 +86,17 @@ def init_trainable(
         if m.unet_lora_targets
         else {}
     )
+    text_targets = presets.text_lora_targets(config)
     text_lora = (
-        lora.lora_init(k_text, frozen["text"], _patterns(m.text_lora_targets), m.lora_rank)
-        if m.text_lora_targets
+        lora.lora_init(k_text, frozen["text"], _patterns(text_targets), m.lora_rank)
+        if text_targets
         else {}
     )
     text_width = models.idfuse.text_width
     dummy_text = jnp.zeros((1, 1, text_width), jnp.float32)
     dummy_image = jnp.zeros((1, models.idfuse.image_width), jnp.float32)
-    idfuse = jax.jit(models.idfuse.init)(k_idfuse, dummy_text, dummy_image)["params"]
+    # A method without adapter and FFM (dreambooth_lora) has no parameters here.
+    idfuse = jax.jit(models.idfuse.init)(k_idfuse, dummy_text, dummy_image).get("params", {})
     return {"unet_lora": unet_lora, "text_lora": text_lora, "idfuse": idfuse}
 
 
@@ -110,6 +120,35 @@ def model_variables(
     )
 
 
+def diffusion_inputs(
+    models: Models, mean: jax.Array, logvar: jax.Array, keys: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(latents, noise, timesteps) of a batch: latents sampled from the VAE moments [B, ...]
+    and scaled, noise and t drawn from one key per example (each split in 3)."""
+    split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+    sample_normal = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))
+    latents = models.vae.config.to_latents(
+        mean + jnp.exp(0.5 * logvar) * sample_normal(split[:, 0])
+    )
+    noise = sample_normal(split[:, 1])
+    num_t = models.schedule.num_train_timesteps
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_t))(split[:, 2])
+    return latents, noise, t
+
+
+def prior_inputs(
+    models: Models, subject: SubjectFeatures, keys: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`diffusion_inputs` of one class image per example, drawn uniformly from the subject's
+    class images by keys of their own (the instance draws stay as without the prior)."""
+    prior_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    count = subject.class_latent_mean.shape[0]
+    pick = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 2), (), 0, count))
+    index = pick(keys)
+    mean, logvar = subject.class_latent_mean[index], subject.class_latent_logvar[index]
+    return diffusion_inputs(models, mean, logvar, prior_keys)
+
+
 def training_loss(
     models: Models,
     config: ml_collections.ConfigDict,
@@ -119,16 +158,19 @@ def training_loss(
     indices: jax.Array,
     keys: jax.Array,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = Σ_k w_k L_k (`losses.idfuse_loss`) for a batch of subject images; every term for logging.
+    """L = Σ_k w_k L_k (`losses.idfuse_loss`) over the terms of the config's method preset
+    (`idfuse_jax.presets`) for a batch of subject images, plus prior.weight x the prior loss
+    when the subject has class images; every term for logging.
 
     `keys` holds one PRNG key per example (see train_lib.example_keys).
     """
+    preset = presets.of(config)
     unet_vars, text_vars = model_variables(frozen, trainable, config)
     batch = indices.shape[0]
+    encode = lambda ids: models.text_encoder.apply(text_vars, ids).last_hidden_state
     # The identity prompt is the same for every example: encode it, and run its text-only FFM
     # pass, once (batch 1); broadcast only where per-example arrays meet.
-    f_s = models.text_encoder.apply(text_vars, subject.prompt_ids).last_hidden_state
-    f_s = f_s.astype(jnp.float32)
+    f_s = encode(subject.prompt_ids).astype(jnp.float32)
     decouple = None if subject.decouple is None else subject.decouple[indices]
     cond = conditioning.training_conditioning(
         models.idfuse,
@@ -138,46 +180,61 @@ def training_loss(
         subject.background_embeds[indices],
         background=config.method.background,
         decouple=decouple,
+        explicit=preset.explicit,
     )
-
-    mean, logvar = subject.latent_mean[indices], subject.latent_logvar[indices]
-    split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
-    sample_normal = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))
-    latents = models.vae.config.to_latents(
-        mean + jnp.exp(0.5 * logvar) * sample_normal(split[:, 0])
+    latents, noise, t = diffusion_inputs(
+        models, subject.latent_mean[indices], subject.latent_logvar[indices], keys
     )
-    noise = sample_normal(split[:, 1])
-    num_t = models.schedule.num_train_timesteps
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_t))(split[:, 2])
     noisy = diffusion.add_noise(models.schedule, latents, noise, t)
     target = diffusion.training_target(models.schedule, latents, noise, t)
 
-    # Both UNet passes (full and text-only conditioning) as one batched call.
+    # Every UNet pass (full, text-only, prior) as one batched call. Without the adapter the full
+    # conditioning is the prompt's alone: one row, broadcast over the batch.
+    full = jnp.broadcast_to(cond.full, (batch, *cond.full.shape[1:]))
+    passes = [(noisy, t, full)]
+    if preset.text_only:
+        passes.append((noisy, t, jnp.broadcast_to(cond.text_only, full.shape)))
+    prior = subject.class_latent_mean is not None
+    if prior:
+        class_latents, class_noise, class_t = prior_inputs(models, subject, keys)
+        class_cond, _ = conditioning.text_conditioning(
+            models.idfuse, trainable["idfuse"], encode(subject.class_prompt_ids)
+        )
+        class_noisy = diffusion.add_noise(models.schedule, class_latents, class_noise, class_t)
+        passes.append((class_noisy, class_t, jnp.broadcast_to(class_cond, full.shape)))
     pred = models.unet.apply(
-        unet_vars,
-        jnp.concatenate([noisy, noisy]),
-        jnp.concatenate([t, t]),
-        jnp.concatenate([cond.full, jnp.broadcast_to(cond.text_only, cond.full.shape)]),
+        unet_vars, *(jnp.concatenate(part) for part in zip(*passes, strict=True))
     )
-    pred_full, pred_text_only = jnp.split(pred, 2)
+    preds = jnp.split(pred, len(passes))
     eos = clip.eos_positions(subject.prompt_ids, models.text_encoder.config.eos_token_id)
     total, terms = losses.idfuse_loss(
-        pred_full,
-        pred_text_only,
+        preds[0],
+        preds[1] if preset.text_only else None,
         target,
         jnp.broadcast_to(f_s, (batch, *f_s.shape[1:])),
         cond.image,
         cond.background,
-        weights=config.loss.weights,
-        text_only_weight=config.loss.text_only_weight,
+        weights=(
+            config.loss.weights
+            if subject.loss_weights is None
+            else dict(zip(losses.TERMS, subject.loss_weights, strict=True))
+        ),
+        text_only_weight=presets.text_only_weight(config),
         text_pool=config.loss.text_pool,
         eos_index=jnp.broadcast_to(eos, (batch,)),
         text_trainable=bool(trainable["text_lora"]),
         decouple=decouple,
+        terms=preset.terms,
     )
     terms = dict(terms)
-    terms["router_entropy"] = cond.stats["router_entropy"]
-    terms["router_weight"] = cond.stats["router_weight"]
+    if prior:
+        class_target = diffusion.training_target(
+            models.schedule, class_latents, class_noise, class_t
+        )
+        terms["prior"] = losses.mse(preds[-1], class_target)
+        total = total + config.prior.weight * terms["prior"]
+        terms["loss"] = total
+    terms.update(cond.stats)  # router statistics, when the method has the FFM
     return total, terms
 
 

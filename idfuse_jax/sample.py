@@ -46,7 +46,7 @@ def sample_images(
     """uint8 images [len(prompts) * num_images, R, R, 3], prompt-major."""
     workdir = pathlib.Path(workdir)
     config = config_lib.load_run_config(workdir)
-    if config.data.subjects:
+    if config.data.subjects or config.loss.get("sweep"):
         folder = workdir / subject.SUBJECTS_DIR
         names = sorted(p.parent.name for p in folder.glob("*/config.json"))
         raise ConfigError(

@@ -22,11 +22,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from idfuse_jax import resources, sharding
+from idfuse_jax import losses, metrics, presets, resources, sharding
+from idfuse_jax import method as method_lib
 from idfuse_jax.build import Models
 from idfuse_jax.data import dreambench, synthetic
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.errors import ConfigError, DataError
+from idfuse_jax.evaluation import generation  # checked, atomic image files
 from idfuse_jax.method import SubjectFeatures, format_prompts
 from idfuse_jax.models import clip
 from idfuse_jax.types import Params
@@ -111,7 +113,7 @@ def subject_runs(
     d = config.data
     if not d.subjects:
         single = _single_config(config, d.instance_dir, d.class_name, d.synthetic_variant)
-        return [SubjectRun("", single, workdir)]
+        return sweep_runs(config, [SubjectRun("", single, workdir)], workdir)
     synthetic_root = d.instance_dir == "synthetic"
     if d.subjects == "all":
         if synthetic_root:
@@ -140,7 +142,48 @@ def subject_runs(
         if single.mesh.fsdp != -1:  # alone, the subject's batch takes every device
             single.mesh.data = -1
         runs.append(SubjectRun(name, single, workdir / SUBJECTS_DIR / name))
-    return runs
+    return sweep_runs(config, runs, workdir)
+
+
+def parse_sweep(value: str) -> tuple[str, list[float]]:
+    """'text_image=0.001,0.01' -> ('text_image', [0.001, 0.01])."""
+    term, sep, listed = value.partition("=")
+    problem = None
+    if not sep or term not in losses.TERMS:
+        problem = f"expected TERM=V1,V2,... with TERM one of {list(losses.TERMS)}"
+    else:
+        try:
+            values = [float(v) for v in listed.split(",")]
+        except ValueError:
+            values, problem = [], "the values must be numbers"
+        if any(v < 0 for v in values):
+            problem = "the weights must be non-negative"
+        elif len({f"{v:g}" for v in values}) != len(values):
+            problem = "a value is given twice"
+    if problem:
+        raise ConfigError(f"config.loss.sweep={value!r}: {problem}")
+    return term, values
+
+
+def sweep_runs(
+    config: ml_collections.ConfigDict, runs: list[SubjectRun], workdir: pathlib.Path
+) -> list[SubjectRun]:
+    """`runs`, each repeated once per value of config.loss.sweep with that loss weight: one
+    slot of the subject axis each, named NAME@TERM=V (one subject: TERM=V)."""
+    if not config.loss.get("sweep"):
+        return runs
+    term, values = parse_sweep(config.loss.sweep)
+    swept = []
+    for run in runs:
+        for value in values:
+            single = ml_collections.ConfigDict(run.config.to_dict())
+            single.loss.weights[term] = value
+            single.loss.sweep = ""
+            if single.mesh.fsdp != -1:  # alone, the slot's batch takes every device
+                single.mesh.data = -1
+            name = f"{run.name}@{term}={value:g}" if run.name else f"{term}={value:g}"
+            swept.append(SubjectRun(name, single, workdir / SUBJECTS_DIR / name))
+    return swept
 
 
 def subject_images(
@@ -155,11 +198,15 @@ def subject_images(
     decoupling, and the log says so in one line per photo.
     """
     d = config.data
+    explicit = presets.of(config).explicit
     if d.instance_dir == "synthetic":
         images, _, backgrounds = synthetic.synthetic_subject(
             d.synthetic_images, d.resolution, config.seed + d.synthetic_variant
         )
-        return images, backgrounds, np.ones(len(images), np.float32)
+        return images, backgrounds, np.full(len(images), float(explicit), np.float32)
+    if not explicit:  # a method without explicit decoupling: no masks, no inpainting
+        subject = images_lib.load_subject(d.instance_dir, d.resolution, min_size=d.min_size)
+        return subject.images, subject.images, np.zeros(len(subject.images), np.float32)
     from idfuse_jax import prepare  # OpenCV and friends only when a photo folder is used
 
     prepared = workdir / "prepared"
@@ -209,8 +256,60 @@ def prepare_subject_features(
     have explicit decoupling, and P's ids."""
     with resources.phase("prepare"):  # masks and backgrounds (cached under the workdir)
         images, backgrounds, decouple = subject_images(config, workdir)
+    class_images = None
+    if config.prior.class_images:
+        with resources.phase("class images"):
+            class_images = prior_class_images(config, models, frozen, workdir)
     with resources.phase("features"):
-        return _features(config, models, frozen, images, backgrounds, decouple)
+        return _features(config, models, frozen, images, backgrounds, decouple, class_images)
+
+
+CLASS_IMAGES_DIR = "class_images"
+_CLASS_BATCH = 4  # class images drawn per call (one compiled shape)
+
+
+def prior_class_images(
+    config: ml_collections.ConfigDict,
+    models: Models,
+    frozen: dict[str, Params],
+    workdir: pathlib.Path,
+) -> np.ndarray:
+    """uint8 [prior.class_images, R, R, 3]: images of prior.prompt drawn by the frozen model
+    (no LoRA, no adapter, no FFM: the plain text conditioning), DreamBooth's class images.
+
+    Cached in workdir/class_images/NNNN.png: a rerun reads them back and draws only the missing
+    or broken ones. Image i starts from the noise of fold_in(key(sample.seed), i) whatever the
+    batch, so every process draws the same images (process 0 writes them).
+    """
+    count, resolution = config.prior.class_images, config.data.resolution
+    folder = workdir / CLASS_IMAGES_DIR
+    paths = [folder / f"{i:04d}.png" for i in range(count)]
+    images = [generation.read_generated(p, resolution) for p in paths]
+    missing = [i for i, image in enumerate(images) if image is None]
+    if missing:
+        plain = dataclasses.replace(
+            models, idfuse=models.idfuse.clone(with_adapter=False, with_ffm=False)
+        )
+        nothing = {"unet_lora": {}, "text_lora": {}, "idfuse": {}}
+        (prompt,) = format_prompts(config, [config.prior.prompt])
+        ids = jnp.asarray(models.tokenizer([prompt] * _CLASS_BATCH))
+        null_ids = jnp.asarray(models.tokenizer([""]))
+        draw = jax.jit(
+            lambda f, keys: method_lib.generate(plain, config, f, nothing, ids, null_ids, keys)
+        )
+        base = jax.random.key(config.sample.seed)
+        logging.info("drawing %d class images of %r with the frozen model", len(missing), prompt)
+        for start in range(0, len(missing), _CLASS_BATCH):
+            chunk = missing[start : start + _CLASS_BATCH]
+            padded = chunk + [chunk[-1]] * (_CLASS_BATCH - len(chunk))
+            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(padded))
+            drawn = metrics.to_uint8(jax.device_get(draw(frozen, keys)))
+            for i, image in zip(chunk, drawn):
+                images[i] = image
+                if jax.process_index() == 0:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    generation.write_png(paths[i], image)
+    return np.stack(images)
 
 
 def feature_programs(models: Models, mesh: jax.sharding.Mesh | None) -> tuple[Any, Any]:
@@ -229,6 +328,7 @@ def _features(
     images: np.ndarray,
     backgrounds: np.ndarray,
     decouple: np.ndarray,
+    class_images: np.ndarray | None = None,
 ) -> SubjectFeatures:
     if config.data.random_flip:
         images = np.concatenate([images, images[:, :, ::-1]])
@@ -245,7 +345,12 @@ def _features(
     sharding.sync_processes("idfuse_jax: features compiled")
     moments = [encode(frozen["vae"], images_lib.to_model(x[None])) for x in images]
     image_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in images]
-    background_embeds = [embed(frozen["image"], clip_pixels(x[None], size)) for x in backgrounds]
+    # Without explicit decoupling f'_i is never used: no background is encoded.
+    background_embeds = (
+        [embed(frozen["image"], clip_pixels(x[None], size)) for x in backgrounds]
+        if presets.of(config).explicit
+        else image_embeds
+    )
     (prompt,) = format_prompts(config, [config.data.prompt])
     features = SubjectFeatures(
         latent_mean=jnp.concatenate([m[0] for m in moments]).astype(jnp.float32),
@@ -256,4 +361,12 @@ def _features(
         num_items=len(images),
         decouple=jnp.asarray(decouple, jnp.float32),
     )
+    if config.prior.class_images:
+        class_moments = [encode(frozen["vae"], images_lib.to_model(x[None])) for x in class_images]
+        (class_prompt,) = format_prompts(config, [config.prior.prompt])
+        features = features.replace(
+            class_latent_mean=jnp.concatenate([m[0] for m in class_moments]).astype(jnp.float32),
+            class_latent_logvar=jnp.concatenate([m[1] for m in class_moments]).astype(jnp.float32),
+            class_prompt_ids=jnp.asarray(models.tokenizer([class_prompt])),
+        )
     return jax.block_until_ready(features)

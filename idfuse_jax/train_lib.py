@@ -30,6 +30,7 @@ from idfuse_jax import (
     checkpoint,
     config_lib,
     export,
+    losses,
     method,
     metrics,
     optim,
@@ -389,7 +390,8 @@ def _check_resumable(meta: dict[str, Any], config: ml_collections.ConfigDict) ->
     """Refuse to resume with settings that would silently change the data order or the
     subjects, or from a checkpoint of a version without the subject axis."""
     saved = meta.get("config", {})
-    for section, key in (("train", "batch_size"), ("", "seed"), ("data", "subjects")):
+    keys = (("train", "batch_size"), ("", "seed"), ("data", "subjects"), ("loss", "sweep"))
+    for section, key in keys:
         old = saved.get(section, {}).get(key, "") if section else saved.get(key)
         new = config[section][key] if section else config[key]
         if old is not None and old != new:
@@ -500,11 +502,17 @@ def _write_configs(
 
 
 def _subject_features(
-    runs: list[subject_lib.SubjectRun], models: build.Models, frozen: Params
+    runs: list[subject_lib.SubjectRun],
+    models: build.Models,
+    frozen: Params,
+    sweep: bool = False,
 ) -> list[method.SubjectFeatures]:
     features = []
     for run in runs:
         subject = subject_lib.prepare_subject_features(run.config, models, frozen, run.workdir)
+        if sweep:  # each slot's own loss weights, as arrays the one program maps over
+            weights = [run.config.loss.weights[k] for k in losses.TERMS]
+            subject = subject.replace(loss_weights=jnp.asarray(weights, jnp.float32))
         logging.info(
             "subject %s: %d training images (with flips), %d with explicit decoupling, %d steps",
             run.name or run.config.data.instance_dir,
@@ -545,7 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         models, frozen = build.build_models(config, lazy=True)
         frozen = sharding.put(frozen, sharding.fsdp_shardings(frozen, mesh))
         jax.block_until_ready(frozen)
-    features = _subject_features(runs, models, frozen)
+    features = _subject_features(runs, models, frozen, sweep=bool(config.loss.sweep))
     del frozen["image"]  # the image encoder's work is done: free its memory
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     subject_sharding = sharding.subject_sharding(mesh)

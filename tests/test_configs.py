@@ -77,21 +77,29 @@ def test_config_json_of_an_older_version_reads_in_todays_names(tmp_path):
         lambda_subject_background=0.5,  # and for L4
     )
     saved["train"]["inject_nan_at_step"] = -1
+    # Runs from before method presets, prior preservation and loss sweeps: IdFuse, none of them.
+    for section, key in (("method", "preset"), ("method", "text_lora"), ("loss", "sweep")):
+        del saved[section][key]
+    del saved["prior"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = config_lib.load_run_config(tmp_path)
     assert config.loss.weights.text_image == 0.25
     assert config.loss.weights.text_background == 0.5
     assert "lambda_denoise" not in config.loss and "inject_nan_at_step" not in config.train
+    assert (config.method.preset, config.method.text_lora, config.loss.sweep) == (
+        "idfuse", "auto", "")  # fmt: skip
+    assert config.prior.class_images == 0
     config_lib.validate(config)
     with pytest.raises(config_lib.ConfigError, match=r"config\.json: not found"):
         config_lib.load_run_config(tmp_path / "nowhere")
 
 
 def test_choices_come_from_the_modules_that_implement_them():
-    from idfuse_jax import diffusion, losses
+    from idfuse_jax import diffusion, losses, presets
 
     assert config_lib.CHOICES["sample.sampler"] == tuple(diffusion.SAMPLERS)
     assert config_lib.CHOICES["loss.text_pool"] == losses.TEXT_POOLS
+    assert config_lib.CHOICES["method.preset"] == tuple(presets.PRESETS)
     assert set(load("default").loss.weights) == set(losses.TERMS)
 
 

@@ -19,6 +19,7 @@ import torch
 import transformers
 from parity_utils import perturb_torch_
 from PIL import Image
+from safetensors.numpy import load_file
 from test_tokenizer import write_tokenizer
 from test_train import _command, _env, last_error_line, ok
 
@@ -101,7 +102,8 @@ def image_files(tmp_path_factory):
 
 
 def reference_scores(metric_dirs, gen_files, real_files, texts):
-    """DINO, CLIP-I, CLIP-T with transformers' models, processors and tokenizer."""
+    """DINO, CLIP-I, CLIP-T per generated image, and the real-image baselines, computed with
+    transformers' models, processors and tokenizer (an independent implementation)."""
     dino_dir, clip_dir, vit, clip = metric_dirs
     vit_proc = transformers.ViTImageProcessor.from_pretrained(str(dino_dir))
     clip_proc = transformers.CLIPImageProcessor.from_pretrained(str(clip_dir))
@@ -116,36 +118,43 @@ def reference_scores(metric_dirs, gen_files, real_files, texts):
     def image(files):
         return clip.get_image_features(**clip_proc(load(files), return_tensors="pt")).pooler_output
 
+    def among(features):  # mean cosine of each real image with every other
+        sims = cos(features, features)
+        return float(((sims.sum(1) - sims.diagonal()) / (len(sims) - 1)).mean())
+
     with torch.no_grad():
-        tokens = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")
+        tokens = tokenizer(list(texts), padding="max_length", max_length=77, return_tensors="pt")
         text = clip.get_text_features(**tokens).pooler_output
-        gen_clip = image(gen_files)
+        gen_clip, real_dino, real_clip = image(gen_files), dino(real_files), image(real_files)
         return {
-            "dino": cos(dino(gen_files), dino(real_files)).mean(1).numpy(),
-            "clip_i": cos(gen_clip, image(real_files)).mean(1).numpy(),
+            "dino": cos(dino(gen_files), real_dino).mean(1).numpy(),
+            "clip_i": cos(gen_clip, real_clip).mean(1).numpy(),
             "clip_t": torch.nn.functional.cosine_similarity(gen_clip, text, dim=-1).numpy(),
+            "real_baseline": {"dino": among(real_dino), "clip_i": among(real_clip)},
         }
 
 
 def test_scores_match_transformers(metric_dirs, image_files):
+    """`run.score_subject`, the function evaluations call, against transformers' models on the
+    same images: per image, per prompt and the real-image baseline."""
     dino_dir, clip_dir, _, _ = metric_dirs
     gen_files, real_files = image_files
-    texts = ["a dog in the snow", "a red dog", "a photo of the dog on the beach"]
+    texts = ("a dog in the snow", "a red dog", "a photo of the dog on the beach")
     ref = reference_scores(metric_dirs, gen_files, real_files, texts)
     models = encoders.load_metric_models(dino_dir, clip_dir)
-    gen = [images_lib.read_image(p) for p in gen_files]
+    subject = subjects.Subject("dog", "dog", True, texts, texts, real_files[0].parent)
+    generated = {(p, 0): (path.name, images_lib.read_image(path))
+                 for p, path in enumerate(gen_files)}  # fmt: skip
     real = [images_lib.read_image(p) for p in real_files]
-    gen_clip = models.clip_image(gen)
-    ours = {
-        "dino": scores.image_similarity(models.dino(gen), models.dino(real)),
-        "clip_i": scores.image_similarity(gen_clip, models.clip_image(real)),
-        "clip_t": scores.text_similarity(gen_clip, models.clip_text(texts)),
-    }
-    for name in ref:
-        err = np.abs(ours[name] - ref[name]).max()
-        print(f"{name}: ours {ours[name]} transformers {ref[name]} max err {err:.2e}")
+    scored = run.score_subject(subject, real, generated, models, real_baseline=True)
+    for name in ("dino", "clip_i", "clip_t"):
+        ours = np.array([prompt["images"][0][name] for prompt in scored["prompts"]])
+        err = np.abs(ours - ref[name]).max()
+        print(f"{name}: ours {ours} transformers {ref[name]} max err {err:.2e}")
         assert err <= 1e-4, name
         assert np.ptp(ref[name]) > 1e-3, name  # the images are told apart: not a constant
+        assert scored[name] == pytest.approx(ref[name].mean(), abs=1e-4)
+    assert scored["real_baseline"] == pytest.approx(ref["real_baseline"], abs=1e-4)
 
 
 def test_preprocessing_equals_the_processors(metric_dirs, image_files, tmp_path):
@@ -232,7 +241,11 @@ def runs(tmp_path_factory, bench_dir):
     """One training job of two subjects (dog: live, can: object) of the DreamBooth-layout
     folder, 2 steps each; each has its workdir in runs/subjects/NAME. Their sampler:
     configs/tiny.py's 8 steps."""
-    root = tmp_path_factory.mktemp("runs")
+    return train_bench_job(tmp_path_factory.mktemp("runs"), bench_dir)
+
+
+def train_bench_job(root: pathlib.Path, bench_dir: pathlib.Path, *overrides: str) -> pathlib.Path:
+    """The training CLI on the dog and can of `bench_dir`, 2 steps, 8 devices."""
     ok(
         subprocess.run(
             _command(
@@ -241,6 +254,7 @@ def runs(tmp_path_factory, bench_dir):
                 "--config.data.subjects=dog,can",
                 "--config.train.steps=2",
                 "--config.train.checkpoint_every=2",
+                *overrides,
             ),
             env=_env(8),
             cwd=REPO,
@@ -322,14 +336,20 @@ def test_evaluation_writes_everything(first_eval, runs, metric_dirs, bench_dir):
         rows = [r for p in prompts for r in p["images"]]
         assert [r["file"] for r in rows] == [f"{name}/{p:02d}_{k}.png"
                                               for p in range(2) for k in range(2)]  # fmt: skip
+        # Every written score against transformers' models on the written and real images.
+        ref = reference_scores(
+            metric_dirs,
+            [out / "images" / r["file"] for r in rows],
+            images_lib.list_images(bench_dir / name),
+            [prompts[r["prompt_index"]]["clip_t_prompt"] for r in rows],
+        )
         for metric in ("dino", "clip_i", "clip_t"):
             values = [r[metric] for r in rows]
-            assert all(-1 <= v <= 1 for v in values)
+            np.testing.assert_allclose(values, ref[metric], atol=1e-4, err_msg=metric)
             for p in prompts:
                 assert p[metric] == pytest.approx(np.mean([r[metric] for r in p["images"]]))
             assert sub[metric] == pytest.approx(np.mean(values))
-        for metric in ("dino", "clip_i"):
-            assert -1 <= sub["real_baseline"][metric] <= 1
+        assert sub["real_baseline"] == pytest.approx(ref["real_baseline"], abs=1e-4)
     for metric in ("dino", "clip_i", "clip_t"):
         subs = [results["subjects"][n][metric] for n in ("dog", "can")]
         assert results["overall"][metric] == pytest.approx(np.mean(subs))
@@ -457,3 +477,66 @@ def test_bad_inputs_are_one_line(runs, metric_dirs, bench_dir, tmp_path):
             run.evaluate(**{k: str(v) if isinstance(v, pathlib.Path) else v
                             for k, v in kwargs.items()})  # fmt: skip
         assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing methods: another preset trained on the same subjects, `python -m idfuse_jax.compare`
+
+
+@pytest.fixture(scope="session")
+def dreambooth_runs(tmp_path_factory, bench_dir):
+    """The same two subjects trained as DreamBooth-LoRA with prior preservation (2 class
+    images each, drawn by the frozen model), 2 steps."""
+    return train_bench_job(
+        tmp_path_factory.mktemp("dreambooth_runs"),
+        bench_dir,
+        "--config.method.preset=dreambooth_lora",
+        "--config.prior.class_images=2",
+    )
+
+
+def test_dreambooth_lora_trains_what_its_preset_names(dreambooth_runs):
+    for name in ("dog", "can"):
+        workdir = dreambooth_runs / "subjects" / name
+        class_images = sorted(p.name for p in (workdir / "class_images").iterdir())
+        assert class_images == ["0000.png", "0001.png"]
+        names = load_file(str(workdir / "idfuse_weights.safetensors"))
+        assert names and all(k.startswith("unet.") for k in names)  # no text LoRA, adapter, FFM
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "loss" in r]
+        assert len(steps) == 2
+        for r in steps:  # L = L1 + prior.weight (1) x prior, and no other term
+            assert r["loss"] == pytest.approx(r["denoise"] + r["prior"], rel=1e-5)
+            assert not {"text_image", "text_background", "router_entropy"} & set(r)
+
+
+def test_compare_evaluates_what_is_missing_and_tables_the_methods(
+    first_eval, runs, dreambooth_runs, metric_dirs, tmp_path
+):
+    out = tmp_path / "comparison"
+    result = ok(subprocess.run(
+        [sys.executable, "-m", "idfuse_jax.compare", f"idfuse={runs}",
+         f"dreambooth_lora={dreambooth_runs}", *metric_flags(metric_dirs), *SMALL,
+         f"--out={out}", "--resamples=300"],
+        env=_env(8), capture_output=True, text=True, timeout=600, cwd=REPO,
+    ))  # fmt: skip
+    assert f"idfuse: reusing {runs / 'eval' / 'results.json'}" in result.stdout
+    assert f"dreambooth_lora: evaluating {dreambooth_runs}" in result.stdout
+    first = json.loads((runs / "eval" / "results.json").read_text())
+    second = json.loads((dreambooth_runs / "eval" / "results.json").read_text())
+    assert second["settings"]["num_images"] == 2 and len(second["subjects"]) == 2
+    table = json.loads((out / "comparison.json").read_text())
+    md = (out / "results.md").read_text()
+    for metric in ("dino", "clip_i", "clip_t"):
+        a = [first["subjects"][s][metric] for s in ("dog", "can")]
+        b = [second["subjects"][s][metric] for s in ("dog", "can")]
+        assert table["methods"]["idfuse"][metric]["mean"] == pytest.approx(np.mean(a))
+        assert table["methods"]["dreambooth_lora"][metric]["mean"] == pytest.approx(np.mean(b))
+        diff = table["differences"]["dreambooth_lora"][metric]
+        assert diff["mean"] == pytest.approx(np.mean(b) - np.mean(a))
+        assert diff["low"] <= diff["mean"] <= diff["high"]
+    row = table["methods"]["dreambooth_lora"]["dino"]
+    assert f"| dreambooth_lora | 2 | {row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]" in md
+    assert "python -m idfuse_jax.compare idfuse=" in md
+    for plot in ("tradeoff.png", "subjects.png"):
+        assert images_lib.read_image(out / plot).shape[0] > 300

@@ -7,6 +7,8 @@
   generation  per-image seeds, sharded generation, resumable image files
   report      results.json, results.md beside the published numbers, grids
   run         an evaluation from start to end (what the command line runs)
+  comparison  several methods' evaluations: bootstrap intervals, paired differences, plots
 
-`python -m idfuse_jax.evaluate` (idfuse_jax/evaluate.py) is the command line over `run`.
+`python -m idfuse_jax.evaluate` (idfuse_jax/evaluate.py) is the command line over `run`;
+`python -m idfuse_jax.compare` (idfuse_jax/compare.py) the one over `run` and `comparison`.
 """

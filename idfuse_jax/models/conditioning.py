@@ -7,7 +7,8 @@ Training:   f_com = f_s + f_i (f_i = A(E_I(x_i)) broadcast over tokens; `backgro
 Inference:  FFM(E_T(prompt)), or FFM(E_T(prompt) + A(E_I(reference))) to preserve a chosen
             reference image's background.
 
-`IdFuse` holds both trainable parts under one tree {"adapter": ..., "ffm": ...}; the functions
+`IdFuse` holds both trainable parts under one tree {"adapter": ..., "ffm": ...} (a preset may
+drop either: `idfuse_jax.presets`); the functions
 below are pure in (module, params, arrays) and meant to be called inside the jitted step.
 """
 
@@ -28,7 +29,8 @@ BACKGROUND_MODES = ("implicit", "explicit")
 
 
 class IdFuse(nn.Module):
-    """The method's trainable modules: the IEDM adapter and the FFM.
+    """The method's trainable modules: the IEDM adapter and the FFM (either may be absent:
+    `idfuse_jax.presets`).
 
     Attributes:
       image_width: D_img, width of the CLIP image embeddings.
@@ -37,6 +39,9 @@ class IdFuse(nn.Module):
       expert_hidden_mult: FFM expert hidden width as a multiple of D.
       adapter_hidden_mult: adapter MLP hidden width as a multiple of D_img.
       dtype: compute dtype.
+      with_adapter: whether the adapter (the image branch) exists; without it `project` is
+        the identity, and needs D_img == D.
+      with_ffm: whether the FFM exists; without it `fuse` passes its input on unchanged.
     """
 
     image_width: int
@@ -45,17 +50,23 @@ class IdFuse(nn.Module):
     expert_hidden_mult: float = 1.0
     adapter_hidden_mult: float = 1.0
     dtype: Any = jnp.float32
+    with_adapter: bool = True
+    with_ffm: bool = True
 
     def setup(self) -> None:
-        self.adapter = ImageAdapter(
-            self.image_width, self.text_width, self.adapter_hidden_mult, dtype=self.dtype
-        )
-        self.ffm = FFM(self.num_experts, self.expert_hidden_mult, dtype=self.dtype)
+        if self.with_adapter:
+            self.adapter = ImageAdapter(
+                self.image_width, self.text_width, self.adapter_hidden_mult, dtype=self.dtype
+            )
+        if self.with_ffm:
+            self.ffm = FFM(self.num_experts, self.expert_hidden_mult, dtype=self.dtype)
 
     def __call__(
         self, text_features: jax.Array, image_embeds: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """FFM(f_s + A(image_embeds)); touches every parameter, so it is the one to `init`."""
+        if not self.with_adapter:
+            return self.fuse(text_features)
         return self.fuse(combine(text_features, self.adapt(image_embeds)))
 
     def adapt(self, image_embeds: jax.Array) -> jax.Array:
@@ -64,10 +75,20 @@ class IdFuse(nn.Module):
 
     def project(self, image_embeds: jax.Array) -> jax.Array:
         """The adapter's final projection alone, [B, D_img] -> [B, D] (identity if equal)."""
-        return self.adapter.project(image_embeds)
+        if self.with_adapter:
+            return self.adapter.project(image_embeds)
+        if image_embeds.shape[-1] != self.text_width:
+            raise ConfigError(
+                f"without the adapter, image features of width {image_embeds.shape[-1]} cannot "
+                f"be compared with text features of width {self.text_width} (L4): use an image "
+                "encoder whose projection width equals the text width"
+            )
+        return image_embeds.astype(self.dtype)
 
     def fuse(self, features: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(FFM(features), router stats)."""
+        """(FFM(features), router stats); (features, {}) without the FFM."""
+        if not self.with_ffm:
+            return features, {}
         return self.ffm(features)
 
 
@@ -96,8 +117,10 @@ class TrainConditioning(NamedTuple):
 
     full: jax.Array  # f_r = FFM(f_com), [B, T, D]
     text_only: jax.Array  # FFM(f_s), [B, T, D]
-    image: jax.Array  # f_i = A(E_I(x)), [B, D]
-    background: jax.Array  # f'_i in the text width, projection without gradient, [B, D]
+    image: jax.Array | None  # f_i = A(E_I(x)), [B, D]; None without the adapter
+    # f'_i in the text width, projection without gradient, [B, D]; None without explicit
+    # decoupling
+    background: jax.Array | None
     stats: dict[str, jax.Array]  # router stats of the full path
     text_stats: dict[str, jax.Array]  # router stats of the text-only path
 
@@ -126,6 +149,7 @@ def training_conditioning(
     *,
     background: str = "implicit",
     decouple: jax.Array | None = None,
+    explicit: bool = True,
 ) -> TrainConditioning:
     """The full and text-only conditionings plus the features the losses compare.
 
@@ -137,6 +161,10 @@ def training_conditioning(
         passed through the adapter's trainable projection when D_img != D).
       decouple: optional [B], 0 for a photo without a usable background (its mask failed):
         with background="explicit" that photo is conditioned on f_s + f_i instead.
+      explicit: whether the method has explicit decoupling (f'_i is computed for L3, L4).
+
+    Without the adapter (`IdFuse.with_adapter` False) f_com = f_s: the full conditioning is the
+    text-only one.
     """
     if background not in BACKGROUND_MODES:
         raise ConfigError(
@@ -147,8 +175,11 @@ def training_conditioning(
             f"background embeddings {tuple(background_embeds.shape)} do not match image "
             f"embeddings {tuple(image_embeds.shape)}"
         )
+    f_bg = projected_background(model, params, background_embeds) if explicit else None
+    if not model.with_adapter:
+        full, stats = _apply(model, params, "fuse", text_features)
+        return TrainConditioning(full, full, None, f_bg, stats, stats)
     f_i = _apply(model, params, "adapt", image_embeds)
-    f_bg = projected_background(model, params, background_embeds)
     added = f_i
     if background == "explicit":
         added = _apply(model, params, "project", background_embeds)
@@ -172,5 +203,7 @@ def reference_conditioning(
     model: IdFuse, params: Params, text_features: jax.Array, reference_embeds: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """FFM(E_T(prompt) + A(E_I(reference))): keeps a chosen reference image's background."""
+    if not model.with_adapter:
+        raise ConfigError("a reference image needs the adapter, which this run's method has not")
     f_ref = _apply(model, params, "adapt", reference_embeds)
     return _apply(model, params, "fuse", combine(text_features, f_ref))

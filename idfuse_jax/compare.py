@@ -1,0 +1,133 @@
+r"""Compare methods trained here (presets, or any training workdirs) on DreamBench's metrics.
+
+  python -m idfuse_jax.compare idfuse=runs/idfuse disenbooth=runs/disenbooth \
+      dreambooth_lora=runs/dreambooth --dino weights/dino-vits16 \
+      --clip weights/clip-vit-base-patch32 --out runs/comparison
+
+Each NAME=WORKDIR is a training workdir (or a job of several subjects, or a folder of them),
+as `python -m idfuse_jax.evaluate --workdir` takes it. A method whose WORKDIR/eval/results.json
+was written with the same settings and metric models is reused; the others are evaluated
+(`idfuse_jax.evaluation.run.evaluate`, which itself reuses the images already drawn). Writes to
+--out: results.md (per method the mean over subjects with its 95 % bootstrap interval, paired
+differences against the first method, the published rows, per-subject scores),
+comparison.json, tradeoff.png (DINO and CLIP-I against CLIP-T) and subjects.png (per-subject
+bars). The statistics are documented in `idfuse_jax.evaluation.comparison`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags, logging
+
+from idfuse_jax import cli
+from idfuse_jax.errors import ConfigError
+from idfuse_jax.evaluation import comparison, run
+
+cli.define_evaluation_flags()  # as `evaluate` takes them
+flags.DEFINE_string("out", None, "Output folder of the comparison.")
+flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples of the subjects.")
+flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap.")
+flags.mark_flags_as_required(["out"])
+
+EVAL_DIR = "eval"  # evaluate's default output folder inside a workdir
+
+
+def parse_methods(args: Sequence[str]) -> dict[str, pathlib.Path]:
+    """['idfuse=runs/a', ...] -> {'idfuse': Path('runs/a'), ...}, in order."""
+    methods: dict[str, pathlib.Path] = {}
+    for arg in args:
+        name, sep, workdir = arg.partition("=")
+        if not sep or not name or not workdir:
+            raise ConfigError(f"expected NAME=WORKDIR, got {arg!r}")
+        if name in methods:
+            raise ConfigError(f"method {name!r} is given twice")
+        methods[name] = pathlib.Path(workdir)
+    if not methods:
+        raise ConfigError("give at least one NAME=WORKDIR to compare")
+    return methods
+
+
+def _settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The results.json settings an evaluation with these arguments writes."""
+    keys = ("num_images", "num_steps", "guidance_scale", "seed", "max_prompts")
+    return {k: kwargs[k] for k in keys}
+
+
+def is_evaluated(results_file: pathlib.Path, kwargs: dict[str, Any]) -> bool:
+    """Whether results.json exists and was written with these settings and metric models."""
+    if not results_file.is_file():
+        return False
+    try:
+        results = json.loads(results_file.read_text())
+    except json.JSONDecodeError:
+        return False
+    settings = results.get("settings", {})
+    same = all(settings.get(k) == v for k, v in _settings(kwargs).items())
+    models = results.get("models", {})
+    wanted = {k: str(pathlib.Path(kwargs[k]).resolve()) for k in ("dino", "clip")}
+    return same and settings.get("mode") == "generate" and models == wanted
+
+
+def evaluated(
+    methods: dict[str, pathlib.Path], **kwargs: Any
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """({name: results.json content}, {name: its path}), evaluating what is not yet."""
+    results, sources = {}, {}
+    for name, workdir in methods.items():
+        out = workdir / EVAL_DIR
+        if is_evaluated(out / "results.json", kwargs):
+            print(f"{name}: reusing {out / 'results.json'}", flush=True)
+            results[name] = json.loads((out / "results.json").read_text())
+        else:
+            print(f"{name}: evaluating {workdir}", flush=True)
+            results[name] = run.evaluate(workdir=str(workdir), out=str(out), **kwargs)
+        sources[name] = str((out / "results.json").resolve())
+    return results, sources
+
+
+def compare_methods(
+    methods: dict[str, pathlib.Path],
+    out: str | pathlib.Path,
+    *,
+    resamples: int = 10_000,
+    bootstrap_seed: int = 0,
+    command: str | None = None,
+    **evaluate_kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate what is missing, compare, write --out; returns the comparison."""
+    if resamples < 1:
+        raise ConfigError(f"--resamples={resamples} must be at least 1")
+    results, sources = evaluated(methods, **evaluate_kwargs)
+    table = comparison.compare(results, resamples, bootstrap_seed)
+    comparison.write(pathlib.Path(out), table, sources, command)
+    return table
+
+
+def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    methods = cli.run_or_fail(parse_methods, argv[1:])
+    command = "python -m idfuse_jax.compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    table = cli.run_or_fail(
+        compare_methods,
+        methods,
+        f.out,
+        resamples=f.resamples,
+        bootstrap_seed=f.bootstrap_seed,
+        command=command,
+        **cli.evaluation_flag_values(),
+    )
+    for name, row in table["methods"].items():
+        cells = ", ".join(f"{k} {v['mean']:.3f}" for k, v in row.items())
+        print(f"{name}: {cells}", flush=True)
+    print(f"Wrote {pathlib.Path(f.out) / 'results.md'}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
