@@ -25,9 +25,7 @@ def test_scenes_are_seeded_and_their_truth_is_exact():
         body = np.array(world.COLOURS[scene.instance.colour], np.float32)
         black = np.array(world.PATTERN_COLOUR, np.float32)
         pixels = scene.image[inside].astype(np.float32)
-        nearest = np.minimum(
-            np.abs(pixels - body).max(-1), np.abs(pixels - black).max(-1)
-        )
+        nearest = np.minimum(np.abs(pixels - body).max(-1), np.abs(pixels - black).max(-1))
         assert nearest.max() <= 5 * world.NOISE  # every object pixel is body or pattern
         band = round(world.MARGIN * RES) - 1  # objects never enter the border band
         assert not inside[:band].any() and not inside[-band:].any()

@@ -236,9 +236,7 @@ def random_pose(rng: np.random.Generator) -> Pose:
     return Pose(float(cy), float(cx), float(half))
 
 
-def draw_object(
-    instance: Instance, pose: Pose, res: int
-) -> tuple[np.ndarray, np.ndarray]:
+def draw_object(instance: Instance, pose: Pose, res: int) -> tuple[np.ndarray, np.ndarray]:
     """The object's colours (uint8 [res, res, 3], meaningful under the mask) and its exact mask
     (uint8 [res, res] in {0, 1}): the shape tested at pixel centres."""
     yy, xx = _grid(res)
