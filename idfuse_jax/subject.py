@@ -23,7 +23,7 @@ from absl import logging
 
 from idfuse_jax import resources, sharding
 from idfuse_jax.build import Models
-from idfuse_jax.data import dreambench, synthetic
+from idfuse_jax.data import dreambench, synthetic, world
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.errors import ConfigError, DataError
 from idfuse_jax.method import SubjectFeatures, format_prompts
@@ -158,6 +158,12 @@ def subject_images(
         images, _, backgrounds = synthetic.synthetic_subject(
             d.synthetic_images, d.resolution, config.seed + d.synthetic_variant
         )
+        return images, backgrounds, np.ones(len(images), np.float32)
+    if d.instance_dir.startswith(world.PREFIX):  # a ToyBench subject, with its exact truth
+        scenes = world.subject_photos(world.toy_subject(d.instance_dir[len(world.PREFIX) :]),
+                                      d.resolution)  # fmt: skip
+        images = np.stack([s.image for s in scenes])
+        backgrounds = np.stack([s.background for s in scenes])
         return images, backgrounds, np.ones(len(images), np.float32)
     from idfuse_jax import prepare  # OpenCV and friends only when a photo folder is used
 

@@ -1,5 +1,7 @@
 """The procedural world: seeded scenes with exact masks, and ToyBench as a DreamBench folder."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,22 @@ def test_toybench_folder_reads_as_dreambench_with_exact_truth(tmp_path):
     np.testing.assert_array_equal(subject.backgrounds, np.stack([p.background for p in photos]))
     with pytest.raises(DataError, match="not a ToyBench folder"):
         world.read_truth(tmp_path)
+
+
+def test_world_config_trains_a_toybench_subject_from_nothing(tmp_path):
+    from idfuse_jax import config_lib
+    from idfuse_jax.subject import subject_images
+
+    module = config_lib.sibling_module(
+        str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"), "world"
+    )
+    config = module.get_config("yellow_checked_box")
+    config_lib.validate(config)
+    assert (config.data.instance_dir, config.data.class_name) == ("world:yellow_checked_box", "box")
+    images, backgrounds, decouple = subject_images(config, tmp_path)
+    photos = world.subject_photos(world.SUBJECTS[1], RES)
+    np.testing.assert_array_equal(images, np.stack([p.image for p in photos]))
+    np.testing.assert_array_equal(backgrounds, np.stack([p.background for p in photos]))
+    assert decouple.tolist() == [1.0] * world.PHOTOS
+    with pytest.raises(DataError, match="no ToyBench subject 'teal_ball'; one of red_striped_ball"):
+        module.get_config("teal_ball")

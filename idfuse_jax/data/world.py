@@ -111,6 +111,16 @@ SUBJECTS = (
 )
 SUBJECT_INSTANCES = frozenset(s.instance for s in SUBJECTS)
 PHOTOS = 5
+# config.data.instance_dir "world:NAME" trains ToyBench subject NAME, rendered in-process.
+PREFIX = "world:"
+
+
+def toy_subject(name: str) -> ToySubject:
+    """The ToyBench subject called `name` (DataError naming the known ones otherwise)."""
+    for subject in SUBJECTS:
+        if subject.name == name:
+            return subject
+    raise DataError(f"no ToyBench subject {name!r}; one of {', '.join(s.name for s in SUBJECTS)}")
 
 
 def caption(instance: Instance, place: str, token: str | None = None) -> str:
@@ -384,3 +394,24 @@ def contact_sheet(images: Sequence[np.ndarray], columns: int, scale: int = 1) ->
         r, c = divmod(k, columns)
         sheet[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = tile
     return sheet
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """python -m idfuse_jax.data.world --out DIR [--resolution 32]: write ToyBench and a
+    contact sheet of its photos (DIR/subjects.png, one row per subject)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write ToyBench (a DreamBench-layout folder).")
+    parser.add_argument("--out", required=True, help="the ToyBench folder to write")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = write_toybench(args.out, args.resolution, seed=args.seed)
+    photos = [s.image for sub in SUBJECTS for s in subject_photos(sub, args.resolution, args.seed)]
+    scale = max(1, 128 // args.resolution)
+    _write_png(root / "subjects.png", contact_sheet(photos, PHOTOS, scale))
+    print(f"wrote {len(SUBJECTS)} subjects to {root} (contact sheet: {root / 'subjects.png'})")
+
+
+if __name__ == "__main__":
+    main()
