@@ -36,7 +36,8 @@ EVALUATION_FLAGS = ("dino", "clip", "num_images", "num_steps", "guidance_scale",
 
 
 def define_evaluation_flags() -> None:
-    """Define `EVALUATION_FLAGS` (--dino and --clip required)."""
+    """Define `EVALUATION_FLAGS`. --dino and --clip are checked by `evaluation.run.evaluate`
+    (optional with --toybench, whose ground-truth scores need neither)."""
     flags.DEFINE_string("dino", None, "A transformers ViTModel folder (facebook/dino-vits16).")
     flags.DEFINE_string(
         "clip", None, "A transformers CLIPModel folder (openai/clip-vit-base-patch32)."
@@ -47,7 +48,6 @@ def define_evaluation_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed from which every image's own seed is derived.")
     flags.DEFINE_integer("max_prompts", None, "Only the first N prompts (default: all 25).")
     flags.DEFINE_integer("batch_size", 4, "Images generated per device per batch.")
-    flags.mark_flags_as_required(["dino", "clip"])
 
 
 def evaluation_flag_values() -> dict[str, Any]:

@@ -12,6 +12,11 @@ grids/SUBJECT.png. A rerun reuses the images already written (each is checked; a
 drawn again), so an interrupted evaluation continues where it stopped. `--images FOLDER
 --dreambench DIR` scores a folder laid out like OUT/images (any method's images) without
 generating; `--real_baseline` adds DINO and CLIP-I among the real images of each subject.
+
+`--toybench DIR` evaluates on ToyBench (`idfuse_jax.data.world.write_toybench`): DIR stands for
+--dreambench, and the ground-truth scores (identity, prompt fidelity, background leakage; see
+`idfuse_jax.evaluation.toybench`) go to OUT/toybench.md and toybench.json. --dino and --clip are
+then optional.
 """
 
 import pathlib
@@ -19,6 +24,7 @@ import pathlib
 from absl import app, flags, logging
 
 from idfuse_jax import cli
+from idfuse_jax.evaluation.report import HEADERS
 from idfuse_jax.evaluation.run import evaluate
 
 cli.define_evaluation_flags()  # --dino --clip --num_images --num_steps ... (shared with compare)
@@ -27,6 +33,7 @@ flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval, or beside
 flags.DEFINE_bool("real_baseline", False, "Also score the real images among themselves.")
 flags.DEFINE_string("images", None, "Score this folder (SUBJECT/PP_K.png) without generating.")
 flags.DEFINE_string("dreambench", None, "DreamBench folder: real images DIR/SUBJECT, prompts.")
+flags.DEFINE_string("toybench", None, "A ToyBench folder: prompts, photos, ground-truth scores.")
 
 
 def main(argv: list[str]) -> None:
@@ -41,11 +48,18 @@ def main(argv: list[str]) -> None:
         real_baseline=f.real_baseline,
         images=f.images,
         dreambench=f.dreambench,
+        toybench_dir=f.toybench,
         **cli.evaluation_flag_values(),
     )
     o = results["overall"]
+    scores = [f"{HEADERS[k]} {o[k]:.3f}" for k in HEADERS if o[k] is not None]
+    if "toybench" in results:
+        t = results["toybench"]
+        scores += [
+            f"{k} {t[k]:.3f}" for k in ("identity", "fidelity", "leakage") if t[k] is not None
+        ]
     print(
-        f"DINO {o['dino']:.3f}  CLIP-I {o['clip_i']:.3f}  CLIP-T {o['clip_t']:.3f} over "
+        f"{'  '.join(scores)} over "
         f"{o['num_images']} images of {o['num_subjects']} subject(s); "
         f"{results['settings']['generated_this_run']} generated this run; report in "
         f"{pathlib.Path(results['inputs']['out']) / 'results.md'}",

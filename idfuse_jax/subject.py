@@ -25,7 +25,7 @@ from absl import logging
 from idfuse_jax import losses, metrics, presets, resources, sharding
 from idfuse_jax import method as method_lib
 from idfuse_jax.build import Models
-from idfuse_jax.data import dreambench, synthetic
+from idfuse_jax.data import dreambench, synthetic, world
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.errors import ConfigError, DataError
 from idfuse_jax.evaluation import generation  # checked, atomic image files
@@ -203,6 +203,12 @@ def subject_images(
         images, _, backgrounds = synthetic.synthetic_subject(
             d.synthetic_images, d.resolution, config.seed + d.synthetic_variant
         )
+        return images, backgrounds, np.full(len(images), float(explicit), np.float32)
+    if d.instance_dir.startswith(world.PREFIX):  # a ToyBench subject, with its exact truth
+        scenes = world.subject_photos(world.toy_subject(d.instance_dir[len(world.PREFIX) :]),
+                                      d.resolution)  # fmt: skip
+        images = np.stack([s.image for s in scenes])
+        backgrounds = np.stack([s.background for s in scenes])
         return images, backgrounds, np.full(len(images), float(explicit), np.float32)
     if not explicit:  # a method without explicit decoupling: no masks, no inpainting
         subject = images_lib.load_subject(d.instance_dir, d.resolution, min_size=d.min_size)

@@ -30,8 +30,10 @@ PUBLISHED = (
 
 
 def mean_scores(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] = METRICS) -> dict:
-    """The mean of each metric over rows (per-image, per-prompt or per-subject scores)."""
-    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    """The mean of each metric over rows (per-image, per-prompt or per-subject scores); None
+    where a row lacks the metric (an evaluation without DINO and CLIP, on ToyBench)."""
+    values = {k: [r[k] for r in rows] for k in keys}
+    return {k: None if None in v else float(np.mean(v)) for k, v in values.items()}
 
 
 def _cell(value: float | None) -> str:

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from idfuse_jax import metrics
 from idfuse_jax.data import images as images_lib
+from idfuse_jax.data import world
 from idfuse_jax.errors import ConfigError, DataError
-from idfuse_jax.evaluation import encoders, generation, report, scores
+from idfuse_jax.evaluation import encoders, generation, report, scores, toybench
 from idfuse_jax.evaluation.subjects import (
     WEIGHTS_FILE,
     Subject,
@@ -198,10 +199,16 @@ def first_per_prompt(generated: dict[tuple[int, int], tuple[str, np.ndarray]]) -
     return list(first.values())
 
 
+def without_metric_models(subject: Subject, generated: dict, real: Sequence[np.ndarray]) -> dict:
+    """A subject's entry when DINO and CLIP are not given (ToyBench's own scores only)."""
+    return {"class_name": subject.class_name, "live": subject.live, "num_real": len(real),
+            "num_images": len(generated), **dict.fromkeys(report.METRICS)}  # fmt: skip
+
+
 def evaluate(
     *,
-    dino: str,
-    clip: str,
+    dino: str | None,
+    clip: str | None,
     workdir: str | None = None,
     out: str | None = None,
     num_images: int = 4,
@@ -213,12 +220,22 @@ def evaluate(
     dreambench: str | None = None,
     max_prompts: int | None = None,
     batch_size: int = 4,
+    toybench_dir: str | None = None,
 ) -> dict[str, Any]:
     """Generate (unless `images`), score and write the report; returns results.json's content.
 
     Every input is checked before any image is drawn: the runs and their weights, the prompts,
-    the real images, the metric folders.
+    the real images, the metric folders. `toybench_dir` (a `data.world.write_toybench` folder)
+    stands for `dreambench` and adds the ground-truth scores (toybench.json, toybench.md);
+    DINO and CLIP are then optional.
     """
+    if toybench_dir is not None:
+        world.read_truth(toybench_dir)  # a ToyBench folder, or a clear error now
+        dreambench = dreambench or toybench_dir
+    if (dino is None or clip is None) and (toybench_dir is None or dino or clip):
+        raise ConfigError("give both --dino and --clip (optional only with --toybench)")
+    if real_baseline and dino is None:
+        raise ConfigError("--real_baseline scores DINO and CLIP-I: give --dino and --clip")
     for name, value in (("num_images", num_images), ("num_steps", num_steps),
                         ("max_prompts", max_prompts), ("batch_size", batch_size)):  # fmt: skip
         _positive(name, value)
@@ -231,7 +248,7 @@ def evaluate(
         few = [name for name, photos in real.items() if len(photos) < 2]
         if few:
             raise DataError(f"--real_baseline: subject {few[0]!r} has fewer than 2 real images")
-    models = encoders.load_metric_models(dino, clip)
+    models = encoders.load_metric_models(dino, clip) if dino else None
     drawn = 0
     if images is not None:
         images_dir = pathlib.Path(images)
@@ -245,7 +262,10 @@ def evaluate(
     per_subject = {}
     for s in subjects:
         generated = read_images(s, images_dir / s.name, None if images else num_images)
-        per_subject[s.name] = score_subject(s, real[s.name], generated, models, real_baseline)
+        if models is None:
+            per_subject[s.name] = without_metric_models(s, generated, real[s.name])
+        else:
+            per_subject[s.name] = score_subject(s, real[s.name], generated, models, real_baseline)
         grid = report.subject_grid(real[s.name], first_per_prompt(generated))
         metrics.save_png(out_dir / "grids" / f"{s.name}.png", grid)
     results = {
@@ -261,7 +281,10 @@ def evaluate(
             "devices": jax.device_count(),
             "generated_this_run": drawn,
         },
-        "models": {"dino": str(models.dino_dir), "clip": str(models.clip_dir)},
+        "models": {
+            "dino": str(models.dino_dir) if models else None,
+            "clip": str(models.clip_dir) if models else None,
+        },
         "inputs": {
             "workdir": None if images or not workdir else str(pathlib.Path(workdir).resolve()),
             "images": str(images_dir.resolve()),
@@ -282,5 +305,9 @@ def evaluate(
             "overall": report.mean_scores(list(baselines.values()), ("dino", "clip_i")),
             "subjects": baselines,
         }
+    if toybench_dir is not None:
+        truth = toybench.score_folder(images_dir, pathlib.Path(toybench_dir))
+        toybench.write_scores(out_dir, truth)
+        results["toybench"] = truth["overall"]
     report.write_results(out_dir, results)
     return results

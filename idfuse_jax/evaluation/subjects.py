@@ -15,7 +15,7 @@ import pathlib
 import ml_collections
 
 from idfuse_jax import config_lib
-from idfuse_jax.data import dreambench
+from idfuse_jax.data import dreambench, world
 from idfuse_jax.errors import ConfigError, DataError, WeightsError
 from idfuse_jax.subject import SUBJECTS_DIR
 
@@ -96,8 +96,11 @@ def subject_from_workdir(
     """The subject a workdir was trained on: its token, class and photos (real images)."""
     config = read_run(workdir)
     d = config.data
-    instance = None if d.instance_dir == "synthetic" else pathlib.Path(d.instance_dir)
+    generated = d.instance_dir == "synthetic" or d.instance_dir.startswith(world.PREFIX)
+    instance = None if generated else pathlib.Path(d.instance_dir)
     name = instance.name if instance is not None else workdir.name
+    if d.instance_dir.startswith(world.PREFIX):  # a ToyBench subject: --toybench has its photos
+        name = d.instance_dir[len(world.PREFIX) :]
     real_dir = bench_dir / name if bench_dir is not None else instance
     if real_dir is None:
         raise DataError(

@@ -1,0 +1,13 @@
+"""Files shipped with the package: the world's tiny pretrained Stable Diffusion.
+
+WORLD_SD is a diffusers StableDiffusionPipeline folder (32 px, 16 x 16 x 4 latents) and
+WORLD_IMAGE_ENCODER a transformers CLIPVisionModelWithProjection folder (E_I), both trained from
+scratch on `idfuse_jax.data.world` scenes by tools/pretrain_world.py; world/PROVENANCE.md says
+how, and world/preview.png shows what it draws.
+"""
+
+import pathlib
+
+WORLD = pathlib.Path(__file__).resolve().parent / "world"
+WORLD_SD = WORLD / "sd"
+WORLD_IMAGE_ENCODER = WORLD / "image_encoder"
