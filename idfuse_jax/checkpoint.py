@@ -6,7 +6,6 @@ command resumes exactly where the last checkpoint left off.
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,17 +13,21 @@ import jax
 import orbax.checkpoint as ocp
 from absl import flags
 
+from idfuse_jax import paths
 
-def manager(directory: str | pathlib.Path, keep: int) -> ocp.CheckpointManager:
+
+def manager(directory: paths.PathLike, keep: int) -> ocp.CheckpointManager:
     """Every process calls this, and then save/restore/wait, alike; process 0 writes metadata.
 
     Several processes: orbax's barriers go through jax's coordination service (host only, with
     timeouts) rather than device collectives, which would wait for the steps in flight.
+    `directory` may be local or gs:// (orbax writes array data with tensorstore, the rest with
+    epath; on gs:// it marks a finished checkpoint with a commit file instead of renaming).
     """
     if jax.process_count() > 1 and flags.FLAGS.is_parsed():
         flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(paths.absolute(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:

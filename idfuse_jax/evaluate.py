@@ -12,9 +12,10 @@ grids/SUBJECT.png. A rerun reuses the images already written (each is checked; a
 drawn again), so an interrupted evaluation continues where it stopped. `--images FOLDER
 --dreambench DIR` scores a folder laid out like OUT/images (any method's images) without
 generating; `--real_baseline` adds DINO and CLIP-I among the real images of each subject.
-"""
 
-import pathlib
+Every folder may be local or gs://. `--multihost` (the same command on every host, as training
+runs; launch/README.md) generates over every host's devices; process 0 writes and scores.
+"""
 
 from absl import app, flags, logging
 
@@ -34,6 +35,7 @@ flags.DEFINE_string("images", None, "Score this folder (SUBJECT/PP_K.png) withou
 flags.DEFINE_string("dreambench", None, "DreamBench folder: real images DIR/SUBJECT, prompts.")
 flags.DEFINE_integer("max_prompts", None, "Only the first N prompts (default: all 25).")
 flags.DEFINE_integer("batch_size", 4, "Images generated per device per batch.")
+flags.DEFINE_bool("multihost", False, "Start jax.distributed: generate over every host's devices.")
 flags.mark_flags_as_required(["dino", "clip"])
 
 
@@ -57,13 +59,16 @@ def main(argv: list[str]) -> None:
         dreambench=f.dreambench,
         max_prompts=f.max_prompts,
         batch_size=f.batch_size,
+        multihost=f.multihost,
     )
+    if results is None:  # another process than 0 of a multi-host evaluation
+        return
     o = results["overall"]
     print(
         f"DINO {o['dino']:.3f}  CLIP-I {o['clip_i']:.3f}  CLIP-T {o['clip_t']:.3f} over "
         f"{o['num_images']} images of {o['num_subjects']} subject(s); "
         f"{results['settings']['generated_this_run']} generated this run; report in "
-        f"{pathlib.Path(results['inputs']['out']) / 'results.md'}",
+        f"{results['inputs']['out'].rstrip('/')}/results.md",
         flush=True,
     )
 

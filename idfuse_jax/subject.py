@@ -12,7 +12,6 @@ and the identity prompt's token ids.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import zlib
 
 import jax
@@ -21,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from idfuse_jax import resources, sharding
+from idfuse_jax import paths, resources, sharding
 from idfuse_jax.build import Models
 from idfuse_jax.data import dreambench, synthetic
 from idfuse_jax.data import images as images_lib
@@ -46,7 +45,7 @@ class SubjectRun:
 
     name: str
     config: ml_collections.ConfigDict
-    workdir: pathlib.Path
+    workdir: paths.Path
 
     @property
     def steps(self) -> int:
@@ -95,9 +94,7 @@ def _parse_subjects(value: str) -> list[tuple[str, str | None]]:
     return entries
 
 
-def subject_runs(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
-) -> list[SubjectRun]:
+def subject_runs(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> list[SubjectRun]:
     """The subjects `config` trains, in order.
 
     data.subjects "" trains data.instance_dir alone. Otherwise data.instance_dir is a folder
@@ -106,7 +103,7 @@ def subject_runs(
     "NAME:CLASS" (else the class comes from prompts_and_classes.txt). With instance_dir
     "synthetic" each name draws its own synthetic subject (class: CLASS or data.class_name).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     d = config.data
     if not d.subjects:
         single = _single_config(config, d.instance_dir, d.class_name, d.synthetic_variant)
@@ -132,8 +129,8 @@ def subject_runs(
         if synthetic_root:
             folder, variant = "synthetic", synthetic_variant(name)
         else:
-            folder, variant = str(pathlib.Path(d.instance_dir) / name), 0
-            if not pathlib.Path(folder).is_dir():
+            folder, variant = str(paths.as_path(d.instance_dir) / name), 0
+            if not paths.as_path(folder).is_dir():
                 raise DataError(f"{folder}: no photo folder for subject {name!r}")
         single = _single_config(config, folder, classes[name], variant)
         if single.mesh.fsdp != -1:  # alone, the subject's batch takes every device
@@ -143,7 +140,7 @@ def subject_runs(
 
 
 def subject_images(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path
+    config: ml_collections.ConfigDict, workdir: paths.Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, backgrounds, decouple): uint8 [N, R, R, 3] at the training resolution, and
     float32 [N], 1 where the background is usable for L3 and L4, 0 where it is not.
@@ -202,7 +199,7 @@ def prepare_subject_features(
     config: ml_collections.ConfigDict,
     models: Models,
     frozen: dict[str, Params],
-    workdir: pathlib.Path,
+    workdir: paths.Path,
 ) -> SubjectFeatures:
     """VAE moments, CLIP image and background features of every (flipped) image, which of them
     have explicit decoupling, and P's ids."""

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import math
-import pathlib
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from idfuse_jax import (
     method,
     metrics,
     optim,
+    paths,
     resources,
     sharding,
 )
@@ -471,18 +471,16 @@ def initial_state(
 
 
 def _write_configs(
-    config: ml_collections.ConfigDict, runs: list[subject_lib.SubjectRun], workdir: pathlib.Path
+    config: ml_collections.ConfigDict, runs: list[subject_lib.SubjectRun], workdir: paths.Path
 ) -> None:
     """WORKDIR/config.json: the job's config (one subject: its resolved config); in a job of
     several, also WORKDIR/subjects/NAME/config.json, each subject's config as if trained
     alone, which `sample` and `evaluate` read."""
-    workdir.mkdir(parents=True, exist_ok=True)
     job = config if runs[0].name else runs[0].config
-    (workdir / "config.json").write_text(job.to_json_best_effort(indent=2))
+    paths.write_text(workdir / "config.json", job.to_json_best_effort(indent=2))
     for run in runs:
         if run.name:
-            run.workdir.mkdir(parents=True, exist_ok=True)
-            (run.workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2))
+            paths.write_text(run.workdir / "config.json", run.config.to_json_best_effort(indent=2))
 
 
 def _subject_features(
@@ -502,10 +500,14 @@ def _subject_features(
     return features
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-    """Train the job's subjects; resume from workdir's latest checkpoint if there is one."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> None:
+    """Train the job's subjects; resume from workdir's latest checkpoint if there is one.
+
+    `workdir` may be local or gs://; every output goes there, and nothing else is shared
+    between the processes of a multi-host job.
+    """
     config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     sharding.maybe_initialize_distributed(config.multihost)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, subject=config.mesh.subject)
     sharding.check_batch_size(config.train.batch_size, mesh)
@@ -594,7 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         trainable = jax.device_get(subject_slice(state.params, s, mesh))
         if is_main:
             for exported in export.export_run(trainable, runs[s].workdir, runs[s].config):
-                size = exported.stat().st_size / 2**20
+                size = exported.stat().length / 2**20
                 print(f"Exported trainable weights: {exported} ({size:.2f} MiB)", flush=True)
 
     any_process = sharding.any_process(mesh)
