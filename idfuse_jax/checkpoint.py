@@ -39,6 +39,15 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
     )
 
 
+def latest_meta(mngr: ocp.CheckpointManager) -> dict[str, Any] | None:
+    """The JSON metadata of the latest checkpoint (no array is read), or None if there is none:
+    enough to refuse a resume before anything is built."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
 def restore_latest(
     mngr: ocp.CheckpointManager,
     abstract_state: Any,
@@ -54,8 +63,7 @@ def restore_latest(
     if step is None:
         return None
     if check_meta is not None:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        check_meta(meta)
+        check_meta(latest_meta(mngr))
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
     )

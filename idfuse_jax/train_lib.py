@@ -524,6 +524,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
         f" (+{count - len(runs)} idle slots)" if count > len(runs) else "",
         total_steps,
     )
+    # A resume that will be refused fails now, in seconds, before any model is built (and
+    # before config.json is replaced).
+    mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
+    try:
+        meta = checkpoint.latest_meta(mngr)
+        if meta is not None:
+            _check_resumable(meta, config)
+    except BaseException:
+        mngr.close()
+        raise
     is_main = jax.process_index() == 0
     if is_main:
         _write_configs(config, runs, workdir)
@@ -543,14 +553,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
     state, step_key = initial_state(config, models, frozen, count, mesh)
     step_for = lambda models: jit_subjects_step(models, config, mesh, frozen_shardings)
 
-    mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
     iterators = [
         index_iterator(f.num_items, config.train.batch_size, config.seed, run.steps)
         for f, run in zip(features, runs, strict=True)
     ]
-    restored = checkpoint.restore_latest(
-        mngr, state, check_meta=lambda meta: _check_resumable(meta, config)
-    )
+    restored = checkpoint.restore_latest(mngr, state)
     start_step = 0
     if restored is not None:
         start_step, state, meta = restored
