@@ -508,6 +508,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
     """
     config_lib.validate(config)
     workdir = paths.as_path(workdir)
+    if config.data.instance_dir != "synthetic":
+        paths.as_path(config.data.instance_dir)  # a gs:// folder without gcsfs: refused now
     sharding.maybe_initialize_distributed(config.multihost)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, subject=config.mesh.subject)
     sharding.check_batch_size(config.train.batch_size, mesh)
