@@ -65,12 +65,9 @@ def _start(
     for rank in range(2):
         process_env = dict(env or _env(4))
         process_env.update(
-            PYTHON=sys.executable,
-            COORDINATOR=coordinator,
-            NUM_NODES="2",
-            NODE_RANK=str(rank),
-            **rank_env[rank],
+            PYTHON=sys.executable, COORDINATOR=coordinator, NUM_NODES="2", NODE_RANK=str(rank)
         )
+        process_env.update(rank_env[rank])
         command = [
             "bash",
             str(REPO / "launch" / "gpu_node.sh"),
