@@ -5,6 +5,11 @@ Programs under test reach it through the environment of `Emulator.env()` (their 
 environment: the variables must be set before fsspec or tensorstore is imported). The test
 process itself talks to it over plain HTTP (`upload`, `names`, `read`, `copy`), so that no
 cloud library's global state leaks into it.
+
+One gap of the emulator is closed here, as GCS behaves: its media downloads lack the
+`x-goog-generation` header, from which tensorstore takes an object's generation (without it,
+orbax's OCDBT manifest reads fail with "Malformed StorageGeneration" and a multi-process save
+never completes). Run as a program, this module serves the emulator with that header added.
 """
 
 from __future__ import annotations
@@ -107,8 +112,8 @@ class Emulator:
 def start(log: pathlib.Path, timeout: float = 60) -> Emulator:
     """Start the emulator (in memory, with one bucket) on a free port; wait until it answers."""
     port = free_port()
-    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-               "--port", str(port), "--in-memory", "--default-bucket", BUCKET]  # fmt: skip
+    command = [sys.executable, __file__, "start", "--host", "127.0.0.1", "--port", str(port),
+               "--in-memory", "--default-bucket", BUCKET]  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -126,3 +131,30 @@ def start(log: pathlib.Path, timeout: float = 60) -> Emulator:
                 tail = log.read_text()[-2000:]
                 raise RuntimeError(f"GCS emulator did not start: {tail}") from None
             time.sleep(0.2)
+
+
+def _serve(argv: list[str]) -> None:
+    """`python -m gcp_storage_emulator ARGV`, with downloads carrying their generation."""
+    from gcp_storage_emulator import __main__ as emulator_main
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj["metageneration"])
+        except NotFound:
+            pass
+        return objects.download(request, response, storage, *args, **kwargs)
+
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is objects.download:
+                handlers[method] = download
+    emulator_main.main(argv)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])
