@@ -140,6 +140,8 @@ def _serve(argv: list[str]) -> None:
     from gcp_storage_emulator.exceptions import NotFound
     from gcp_storage_emulator.handlers import objects
 
+    real = objects.download
+
     def download(request, response, storage, *args, **kwargs):
         try:
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
@@ -147,11 +149,14 @@ def _serve(argv: list[str]) -> None:
             response["x-goog-metageneration"] = str(obj["metageneration"])
         except NotFound:
             pass
-        return objects.download(request, response, storage, *args, **kwargs)
+        return real(request, response, storage, *args, **kwargs)
 
+    # Both routes to it: the download endpoint, and the JSON API's GET ...?alt=media (through
+    # the module's own name).
+    objects.download = download
     for _, handlers in server.HANDLERS:
         for method, handler in list(handlers.items()):
-            if handler is objects.download:
+            if handler is real:
                 handlers[method] = download
     emulator_main.main(argv)
 
