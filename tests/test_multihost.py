@@ -249,16 +249,16 @@ def test_cloud_workdir_is_evaluated_in_the_cloud(resumed, gcs, metric_dirs):
     and writes its images and report there."""
     prefix, _ = resumed
     flags = test_evaluate.metric_flags(metric_dirs)
-    small = ("--max_prompts=1", "--num_images=2", "--num_steps=2")
+    # test_evaluate's settings and device count: its compiled programs come from the cache.
     result = subprocess.run(
         [sys.executable, "-m", "idfuse_jax.evaluate", f"--workdir=gs://bucket/{prefix}", *flags,
-         *small],
-        env=gcs.env(_env(1)), capture_output=True, text=True, timeout=600, cwd=REPO,
+         *test_evaluate.SMALL],
+        env=gcs.env(_env(8)), capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     ok(result)
     assert f"report in gs://bucket/{prefix}/eval/results.md" in result.stdout
     names = gcs.names(f"{prefix}/eval")
-    assert {"images/dog/00_0.png", "images/dog/00_1.png", "results.json", "results.md",
+    assert {"images/dog/01_0.png", "images/dog/01_1.png", "results.json", "results.md",
             "grids/dog.png"} <= set(names)  # fmt: skip
     results = json.loads(gcs.read(f"{prefix}/eval/results.json"))
     assert results["inputs"]["out"] == f"gs://bucket/{prefix}/eval"
