@@ -154,14 +154,19 @@ def generate_items(
     all_keys = image_keys(seed, subject, items)  # up front: no device sync inside the loop
     b = sampler.batch_size
     batch = sharding.batch_sharding(sampler.mesh)
-    pending = None
+    pending, compiled = None, None
     for start in range(0, len(items), b):
         chunk = list(items[start : start + b])
         rows = np.arange(start, start + len(chunk))
         rows = np.concatenate([rows, np.full(b - len(chunk), start)])  # padded with the first
         ids_batch = sharding.put(ids[[items[i][0] for i in rows]], batch)
         keys = sharding.put(all_keys[rows], batch)
-        images = sampler.fn(sampler.frozen, trainable, ids_batch, keys)  # dispatched, not awaited
+        if compiled is None:
+            # Every process compiles before any runs it: on several hosts the program gathers
+            # across them, and CPU collectives give up on a peer 30 s late.
+            compiled = sampler.fn.lower(sampler.frozen, trainable, ids_batch, keys).compile()
+            sharding.sync_processes("idfuse_jax: evaluation sampler compiled")
+        images = compiled(sampler.frozen, trainable, ids_batch, keys)  # dispatched, not awaited
         if pending is not None:
             yield _fetch(*pending)
         pending = (chunk, images)

@@ -83,6 +83,7 @@ def missing_everywhere(
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
+        sharding.sync_processes("idfuse_jax: evaluation items listed")
         missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
     return [(int(p), int(k)) for p, k in zip(*np.nonzero(missing))]
 
