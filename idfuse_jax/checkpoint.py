@@ -6,7 +6,6 @@ command resumes exactly where the last checkpoint left off.
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,17 +13,21 @@ import jax
 import orbax.checkpoint as ocp
 from absl import flags
 
+from idfuse_jax import paths
 
-def manager(directory: str | pathlib.Path, keep: int) -> ocp.CheckpointManager:
+
+def manager(directory: paths.PathLike, keep: int) -> ocp.CheckpointManager:
     """Every process calls this, and then save/restore/wait, alike; process 0 writes metadata.
 
     Several processes: orbax's barriers go through jax's coordination service (host only, with
     timeouts) rather than device collectives, which would wait for the steps in flight.
+    `directory` may be local or gs:// (orbax writes array data with tensorstore, the rest with
+    epath; on gs:// it marks a finished checkpoint with a commit file instead of renaming).
     """
     if jax.process_count() > 1 and flags.FLAGS.is_parsed():
         flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(paths.absolute(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
@@ -34,6 +37,15 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
+
+
+def latest_meta(mngr: ocp.CheckpointManager) -> dict[str, Any] | None:
+    """The JSON metadata of the latest checkpoint (no array is read), or None if there is none:
+    enough to refuse a resume before anything is built."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
 def restore_latest(
@@ -51,8 +63,7 @@ def restore_latest(
     if step is None:
         return None
     if check_meta is not None:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        check_meta(meta)
+        check_meta(latest_meta(mngr))
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
     )

@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 from flax import traverse_util
 
-from idfuse_jax import build, diffusion, losses, optim, presets
+from idfuse_jax import build, diffusion, losses, optim, paths, presets
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.models import attention, conditioning
 from idfuse_jax.prepare.inpaint import INPAINTERS
@@ -191,9 +191,10 @@ def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
-def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The resolved config a training run wrote to WORKDIR/config.json, in today's key names."""
-    path = pathlib.Path(workdir) / "config.json"
+def load_run_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a training run wrote to WORKDIR/config.json (local or gs://), in
+    today's key names."""
+    path = paths.as_path(workdir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; --workdir must be a training workdir")
     try:

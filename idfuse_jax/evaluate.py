@@ -17,9 +17,10 @@ generating; `--real_baseline` adds DINO and CLIP-I among the real images of each
 --dreambench, and the ground-truth scores (identity, prompt fidelity, background leakage; see
 `idfuse_jax.evaluation.toybench`) go to OUT/toybench.md and toybench.json. --dino and --clip are
 then optional.
-"""
 
-import pathlib
+Every folder may be local or gs://. `--multihost` (the same command on every host, as training
+runs; launch/README.md) generates over every host's devices; process 0 writes and scores.
+"""
 
 from absl import app, flags, logging
 
@@ -34,6 +35,7 @@ flags.DEFINE_bool("real_baseline", False, "Also score the real images among them
 flags.DEFINE_string("images", None, "Score this folder (SUBJECT/PP_K.png) without generating.")
 flags.DEFINE_string("dreambench", None, "DreamBench folder: real images DIR/SUBJECT, prompts.")
 flags.DEFINE_string("toybench", None, "A ToyBench folder: prompts, photos, ground-truth scores.")
+flags.DEFINE_bool("multihost", False, "Start jax.distributed: generate over every host's devices.")
 
 
 def main(argv: list[str]) -> None:
@@ -50,7 +52,10 @@ def main(argv: list[str]) -> None:
         dreambench=f.dreambench,
         toybench_dir=f.toybench,
         **cli.evaluation_flag_values(),
+        multihost=f.multihost,
     )
+    if results is None:  # another process than 0 of a multi-host evaluation
+        return
     o = results["overall"]
     scores = [f"{HEADERS[k]} {o[k]:.3f}" for k in HEADERS if o[k] is not None]
     if "toybench" in results:
@@ -62,7 +67,7 @@ def main(argv: list[str]) -> None:
         f"{'  '.join(scores)} over "
         f"{o['num_images']} images of {o['num_subjects']} subject(s); "
         f"{results['settings']['generated_this_run']} generated this run; report in "
-        f"{pathlib.Path(results['inputs']['out']) / 'results.md'}",
+        f"{results['inputs']['out'].rstrip('/')}/results.md",
         flush=True,
     )
 

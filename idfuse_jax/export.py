@@ -6,7 +6,6 @@ tree; and a LoRA-only file that diffusers' `load_lora_weights` takes as it is.
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -17,8 +16,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import traverse_util
-from safetensors.numpy import save_file
+from safetensors.numpy import load, save
 
+from idfuse_jax import paths
 from idfuse_jax.errors import WeightsError
 from idfuse_jax.formats import read_safetensors_file
 from idfuse_jax.types import Params
@@ -52,9 +52,9 @@ def export_names(trainable: dict[str, Params]) -> dict[tuple[str, ...], tuple[st
 
 def export_trainable(
     trainable: dict[str, Params],
-    path: str | pathlib.Path,
+    path: paths.PathLike,
     config: ml_collections.ConfigDict | None = None,
-) -> pathlib.Path:
+) -> paths.Path:
     """The trained weights alone as one safetensors file (names: `export_names`)."""
     flat = traverse_util.flatten_dict(jax.device_get(dict(trainable)))
     tensors = {}
@@ -66,8 +66,7 @@ def export_trainable(
         metadata.update(
             lora_rank=str(config.method.lora_rank), lora_alpha=str(config.method.lora_alpha)
         )
-    path = pathlib.Path(path)
-    save_file(tensors, str(path), metadata=metadata)
+    path = paths.write_bytes(path, save(tensors, metadata=metadata))  # local or gs://
     logging.info("exported %d tensors to %s", len(tensors), path)
     return path
 
@@ -112,26 +111,26 @@ def diffusers_lora(
 
 
 def export_run(
-    trainable: dict[str, Params], workdir: str | pathlib.Path, config: ml_collections.ConfigDict
-) -> list[pathlib.Path]:
+    trainable: dict[str, Params], workdir: paths.PathLike, config: ml_collections.ConfigDict
+) -> list[paths.Path]:
     """A finished run's exports: idfuse_weights.safetensors (everything trained, for
     `idfuse_jax.sample`) and, when LoRA is on, idfuse_lora.safetensors (for diffusers'
     `load_lora_weights`; examples/diffusers_sample.py adds the adapter and FFM)."""
-    workdir = pathlib.Path(workdir)
-    paths = [export_trainable(trainable, workdir / "idfuse_weights.safetensors", config)]
+    workdir = paths.as_path(workdir)
+    written = [export_trainable(trainable, workdir / "idfuse_weights.safetensors", config)]
     tensors, metadata = diffusers_lora(trainable, config)
     if tensors:
-        save_file(tensors, str(workdir / LORA_FILE), metadata=metadata)
-        paths.append(workdir / LORA_FILE)
-    return paths
+        written.append(paths.write_bytes(workdir / LORA_FILE, save(tensors, metadata=metadata)))
+    return written
 
 
-def import_trainable(path: str | pathlib.Path, template: dict[str, Params]) -> dict[str, Params]:
-    """Read an `export_trainable` file into a tree shaped like `template`."""
-    path = pathlib.Path(path)
+def import_trainable(path: paths.PathLike, template: dict[str, Params]) -> dict[str, Params]:
+    """Read an `export_trainable` file (local or gs://) into a tree shaped like `template`."""
+    path = paths.as_path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: exported weights not found")
-    tensors = read_safetensors_file(path)
+    # A cloud file is read whole (it is small: the trained weights alone).
+    tensors = load(path.read_bytes()) if paths.is_cloud(path) else read_safetensors_file(path)
     flat_template = traverse_util.flatten_dict(dict(template))
     flat, missing = {}, []
     for key, (name, transposed) in export_names(template).items():

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
+
+from idfuse_jax import paths
 
 # Dense bf16 peak TFLOP/s per device, for MFU. Matched as whole words in jax's device_kind.
 PEAK_TFLOPS = {
@@ -41,28 +42,31 @@ def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard.
 
-    Only process 0 writes; other processes get a writer that does nothing.
+    Only process 0 writes; other processes get a writer that does nothing. The workdir may be
+    local or gs://: cloud objects cannot be appended to, so there the whole file is uploaded
+    again at each row (a few KB), and TensorBoard uses tensorboardX's own gs:// writer.
     """
 
-    def __init__(
-        self, workdir: str | pathlib.Path, resume_step: int = 0, enabled: bool | None = None
-    ):
+    def __init__(self, workdir: paths.PathLike, resume_step: int = 0, enabled: bool | None = None):
         """`resume_step`: rows logged after it by an interrupted run are dropped from
         metrics.jsonl, since those steps are about to run again."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = paths.as_path(workdir)
+        self._path = self.workdir / "metrics.jsonl"
+        self._rows: list[str] = []
         self._jsonl = None
         self._tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
             self.workdir.mkdir(parents=True, exist_ok=True)
-            path = self.workdir / "metrics.jsonl"
-            if path.is_file():
-                kept = [r for r in path.read_text().splitlines() if _row_step(r) <= resume_step]
-                path.write_text("".join(r + "\n" for r in kept))
-            self._jsonl = open(path, "a")
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            if self._path.is_file():
+                text = self._path.read_text()
+                self._rows = [r for r in text.splitlines() if _row_step(r) <= resume_step]
+                paths.write_text(self._path, "".join(r + "\n" for r in self._rows))
+            if not paths.is_cloud(self._path):
+                self._jsonl = open(self._path, "a")
+            self._tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -73,8 +77,12 @@ class MetricsWriter:
             row[key] = value
             if value is not None and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        self._rows.append(json.dumps(row))
+        if self._jsonl is None:
+            paths.write_text(self._path, "".join(r + "\n" for r in self._rows))
+        else:
+            self._jsonl.write(self._rows[-1] + "\n")
+            self._jsonl.flush()
 
     def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
         if self.enabled:
@@ -82,7 +90,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()
 
 
@@ -104,11 +113,9 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
     return grid
 
 
-def save_png(path: str | pathlib.Path, image: np.ndarray) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
+def save_png(path: paths.PathLike, image: np.ndarray) -> paths.Path:
+    """A uint8 image as a PNG at `path`, local or gs:// (parents made)."""
+    return paths.save_png(path, image)
 
 
 def to_uint8(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

@@ -5,18 +5,16 @@
 
 Reads WORKDIR/config.json (models, token, class) and WORKDIR/idfuse_weights.safetensors (the
 trained LoRA, adapter and FFM); writes one row of `--num_images` images per prompt to `--out`
-(default WORKDIR/samples/sample.png). `--reference PHOTO` keeps that photo's background
-(FFM(E_T(prompt) + A(E_I(reference)))).
+(default WORKDIR/samples/sample.png); WORKDIR and --out may be local or gs://.
+`--reference PHOTO` keeps that photo's background (FFM(E_T(prompt) + A(E_I(reference)))).
 """
-
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from idfuse_jax import build, cli, config_lib, export, method, metrics, subject
+from idfuse_jax import build, cli, config_lib, export, method, metrics, paths, subject
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.errors import ConfigError
 
@@ -34,7 +32,7 @@ flags.mark_flags_as_required(["workdir", "prompt"])
 
 
 def sample_images(
-    workdir: str | pathlib.Path,
+    workdir: paths.PathLike,
     prompts: list[str],
     *,
     num_images: int = 4,
@@ -44,7 +42,7 @@ def sample_images(
     seed: int = 0,
 ) -> np.ndarray:
     """uint8 images [len(prompts) * num_images, R, R, 3], prompt-major."""
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     config = config_lib.load_run_config(workdir)
     if config.data.subjects or config.loss.get("sweep"):
         folder = workdir / subject.SUBJECTS_DIR
@@ -93,8 +91,8 @@ def main(argv: list[str]) -> None:
         guidance_scale=f.guidance_scale,
         seed=f.seed,
     )
-    out = pathlib.Path(f.out or pathlib.Path(f.workdir) / "samples" / "sample.png")
-    metrics.save_png(out, metrics.image_grid(images, columns=f.num_images))
+    out = f.out or paths.as_path(f.workdir) / "samples" / "sample.png"
+    out = cli.run_or_fail(metrics.save_png, out, metrics.image_grid(images, columns=f.num_images))
     print(f"Wrote {len(images)} images to {out}", flush=True)
 
 

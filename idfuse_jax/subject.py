@@ -12,7 +12,6 @@ and the identity prompt's token ids.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import zlib
 from typing import Any
 
@@ -22,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from idfuse_jax import losses, metrics, presets, resources, sharding
+from idfuse_jax import losses, metrics, paths, presets, resources, sharding
 from idfuse_jax import method as method_lib
 from idfuse_jax.build import Models
 from idfuse_jax.data import dreambench, synthetic, world
@@ -49,7 +48,7 @@ class SubjectRun:
 
     name: str
     config: ml_collections.ConfigDict
-    workdir: pathlib.Path
+    workdir: paths.Path
 
     @property
     def steps(self) -> int:
@@ -98,9 +97,7 @@ def _parse_subjects(value: str) -> list[tuple[str, str | None]]:
     return entries
 
 
-def subject_runs(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
-) -> list[SubjectRun]:
+def subject_runs(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> list[SubjectRun]:
     """The subjects `config` trains, in order.
 
     data.subjects "" trains data.instance_dir alone. Otherwise data.instance_dir is a folder
@@ -109,7 +106,7 @@ def subject_runs(
     "NAME:CLASS" (else the class comes from prompts_and_classes.txt). With instance_dir
     "synthetic" each name draws its own synthetic subject (class: CLASS or data.class_name).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     d = config.data
     if not d.subjects:
         single = _single_config(config, d.instance_dir, d.class_name, d.synthetic_variant)
@@ -135,8 +132,8 @@ def subject_runs(
         if synthetic_root:
             folder, variant = "synthetic", synthetic_variant(name)
         else:
-            folder, variant = str(pathlib.Path(d.instance_dir) / name), 0
-            if not pathlib.Path(folder).is_dir():
+            folder, variant = str(paths.as_path(d.instance_dir) / name), 0
+            if not paths.as_path(folder).is_dir():
                 raise DataError(f"{folder}: no photo folder for subject {name!r}")
         single = _single_config(config, folder, classes[name], variant)
         if single.mesh.fsdp != -1:  # alone, the subject's batch takes every device
@@ -166,7 +163,7 @@ def parse_sweep(value: str) -> tuple[str, list[float]]:
 
 
 def sweep_runs(
-    config: ml_collections.ConfigDict, runs: list[SubjectRun], workdir: pathlib.Path
+    config: ml_collections.ConfigDict, runs: list[SubjectRun], workdir: paths.Path
 ) -> list[SubjectRun]:
     """`runs`, each repeated once per value of config.loss.sweep with that loss weight: one
     slot of the subject axis each, named NAME@TERM=V (one subject: TERM=V)."""
@@ -187,7 +184,7 @@ def sweep_runs(
 
 
 def subject_images(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path
+    config: ml_collections.ConfigDict, workdir: paths.Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, backgrounds, decouple): uint8 [N, R, R, 3] at the training resolution, and
     float32 [N], 1 where the background is usable for L3 and L4, 0 where it is not.
@@ -256,7 +253,7 @@ def prepare_subject_features(
     config: ml_collections.ConfigDict,
     models: Models,
     frozen: dict[str, Params],
-    workdir: pathlib.Path,
+    workdir: paths.Path,
 ) -> SubjectFeatures:
     """VAE moments, CLIP image and background features of every (flipped) image, which of them
     have explicit decoupling, and P's ids."""
@@ -278,7 +275,7 @@ def prior_class_images(
     config: ml_collections.ConfigDict,
     models: Models,
     frozen: dict[str, Params],
-    workdir: pathlib.Path,
+    workdir: paths.Path,
 ) -> np.ndarray:
     """uint8 [prior.class_images, R, R, 3]: images of prior.prompt drawn by the frozen model
     (no LoRA, no adapter, no FFM: the plain text conditioning), DreamBooth's class images.
@@ -289,8 +286,8 @@ def prior_class_images(
     """
     count, resolution = config.prior.class_images, config.data.resolution
     folder = workdir / CLASS_IMAGES_DIR
-    paths = [folder / f"{i:04d}.png" for i in range(count)]
-    images = [generation.read_generated(p, resolution) for p in paths]
+    files = [folder / f"{i:04d}.png" for i in range(count)]
+    images = [generation.read_generated(p, resolution) for p in files]
     missing = [i for i, image in enumerate(images) if image is None]
     if missing:
         plain = dataclasses.replace(
@@ -314,7 +311,7 @@ def prior_class_images(
                 images[i] = image
                 if jax.process_index() == 0:
                     folder.mkdir(parents=True, exist_ok=True)
-                    generation.write_png(paths[i], image)
+                    generation.write_png(files[i], image)
     return np.stack(images)
 
 

@@ -22,9 +22,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    # orbax logs every file it writes at INFO; keep its warnings, drop the chatter.
+    # orbax (and fsspec for gs:// files) log every file at INFO; keep warnings, drop the chatter.
+    chatty = ("/orbax/", "/fsspec/", "/gcsfs/")
     std_logging.getLogger("absl").addFilter(
-        lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        lambda record: (
+            record.levelno >= std_logging.WARNING
+            or not any(part in record.pathname for part in chatty)
+        )
     )
     cli.run_or_fail(train_lib.train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
 

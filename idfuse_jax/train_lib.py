@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import math
-import pathlib
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from idfuse_jax import (
     method,
     metrics,
     optim,
+    paths,
     resources,
     sharding,
 )
@@ -487,18 +487,16 @@ def initial_state(
 
 
 def _write_configs(
-    config: ml_collections.ConfigDict, runs: list[subject_lib.SubjectRun], workdir: pathlib.Path
+    config: ml_collections.ConfigDict, runs: list[subject_lib.SubjectRun], workdir: paths.Path
 ) -> None:
     """WORKDIR/config.json: the job's config (one subject: its resolved config); in a job of
     several, also WORKDIR/subjects/NAME/config.json, each subject's config as if trained
     alone, which `sample` and `evaluate` read."""
-    workdir.mkdir(parents=True, exist_ok=True)
     job = config if runs[0].name else runs[0].config
-    (workdir / "config.json").write_text(job.to_json_best_effort(indent=2))
+    paths.write_text(workdir / "config.json", job.to_json_best_effort(indent=2))
     for run in runs:
         if run.name:
-            run.workdir.mkdir(parents=True, exist_ok=True)
-            (run.workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2))
+            paths.write_text(run.workdir / "config.json", run.config.to_json_best_effort(indent=2))
 
 
 def _subject_features(
@@ -524,10 +522,16 @@ def _subject_features(
     return features
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-    """Train the job's subjects; resume from workdir's latest checkpoint if there is one."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> None:
+    """Train the job's subjects; resume from workdir's latest checkpoint if there is one.
+
+    `workdir` may be local or gs://; every output goes there, and nothing else is shared
+    between the processes of a multi-host job.
+    """
     config_lib.validate(config)
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
+    if config.data.instance_dir != "synthetic":
+        paths.as_path(config.data.instance_dir)  # a gs:// folder without gcsfs: refused now
     sharding.maybe_initialize_distributed(config.multihost)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, subject=config.mesh.subject)
     sharding.check_batch_size(config.train.batch_size, mesh)
@@ -544,6 +548,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         f" (+{count - len(runs)} idle slots)" if count > len(runs) else "",
         total_steps,
     )
+    # A resume that will be refused fails now, in seconds, before any model is built (and
+    # before config.json is replaced).
+    mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
+    try:
+        meta = checkpoint.latest_meta(mngr)
+        if meta is not None:
+            _check_resumable(meta, config)
+    except BaseException:
+        mngr.close()
+        raise
     is_main = jax.process_index() == 0
     if is_main:
         _write_configs(config, runs, workdir)
@@ -563,14 +577,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state, step_key = initial_state(config, models, frozen, count, mesh)
     step_for = lambda models: jit_subjects_step(models, config, mesh, frozen_shardings)
 
-    mngr = checkpoint.manager(workdir / "checkpoints", config.train.keep_checkpoints)
     iterators = [
         index_iterator(f.num_items, config.train.batch_size, config.seed, run.steps)
         for f, run in zip(features, runs, strict=True)
     ]
-    restored = checkpoint.restore_latest(
-        mngr, state, check_meta=lambda meta: _check_resumable(meta, config)
-    )
+    restored = checkpoint.restore_latest(mngr, state)
     start_step = 0
     if restored is not None:
         start_step, state, meta = restored
@@ -616,7 +627,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         trainable = jax.device_get(subject_slice(state.params, s, mesh))
         if is_main:
             for exported in export.export_run(trainable, runs[s].workdir, runs[s].config):
-                size = exported.stat().st_size / 2**20
+                size = exported.stat().length / 2**20
                 print(f"Exported trainable weights: {exported} ({size:.2f} MiB)", flush=True)
 
     any_process = sharding.any_process(mesh)

@@ -1,7 +1,7 @@
 """Type aliases shared across the package."""
 
-import pathlib
+import os
 from typing import Any
 
 Params = Any  # a nested dict of arrays (a Flax parameter tree)
-PathLike = str | pathlib.Path
+PathLike = str | os.PathLike  # str, pathlib.Path or etils epath.Path (local or gs://)

@@ -4,7 +4,8 @@
 #   launch/tpu_vm.sh [--dry-run] [--skip-install] TPU_NAME ZONE --config configs/dog.py \
 #       --workdir gs://bucket/runs/dog --config.train.batch_size=32 --config.mesh.fsdp=4
 #
-# 1. packs this checkout's tracked files (as they are on disk) and copies them to every worker,
+# 1. packs this checkout's tracked files as they are on disk (uncommitted changes included;
+#    untracked files are not: `git add` them) and copies them to every worker,
 # 2. installs them with JAX's TPU build on every worker (skipped with --skip-install),
 # 3. runs the same training command on every worker at once; jax.distributed.initialize() finds
 #    the coordinator and the process ids on TPU VMs by itself.
@@ -32,10 +33,13 @@ archive=${TMPDIR:-/tmp}/idfuse_jax_code.tar.gz
 ssh=(gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command)
 python=${PYTHON:-python3}
 if ((install)); then
-  if [[ -n $(git -C "$repo" status --porcelain --untracked-files=no) ]]; then
-    echo "warning: uncommitted changes in $repo are not copied (the workers get HEAD)" >&2
+  # A commit of the tracked files as they are on disk (no ref or stash entry is changed);
+  # empty when nothing differs from HEAD.
+  snapshot=$(git -C "$repo" -c user.name=idfuse_jax -c user.email=idfuse_jax@localhost stash create)
+  if [[ -n $(git -C "$repo" ls-files --others --exclude-standard) ]]; then
+    echo "warning: untracked files in $repo are not copied (git add them to copy them)" >&2
   fi
-  run git -C "$repo" archive --format=tar.gz --output="$archive" HEAD
+  run git -C "$repo" archive --format=tar.gz --output="$archive" "${snapshot:-HEAD}"
   run gcloud compute tpus tpu-vm scp "$archive" "$tpu:idfuse_jax_code.tar.gz" --zone="$zone" \
     --worker=all
   run "${ssh[@]}" "rm -rf $(quoted "$remote") && mkdir -p $(quoted "$remote") && tar -xzf \

@@ -30,3 +30,17 @@ def dreambooth_dir() -> pathlib.Path:
     if not DREAMBOOTH.is_dir():
         pytest.fail(f"shared DreamBooth data not found at {DREAMBOOTH}")
     return DREAMBOOTH
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS emulator on 127.0.0.1 for the session (tests/gcs_emulator.py), stopped at the end."""
+    import gcs_emulator
+
+    try:
+        import gcp_storage_emulator  # noqa: F401
+    except ImportError:
+        pytest.fail("gcp-storage-emulator is not installed (pip install -e '.[test]')")
+    emulator = gcs_emulator.start(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    yield emulator
+    emulator.stop()

@@ -7,6 +7,7 @@ run it: `python -m idfuse_jax.evaluate ...` in a subprocess (its own device coun
 persistent compilation cache with the other CLI tests.
 """
 
+import io
 import json
 import pathlib
 import shutil
@@ -393,22 +394,46 @@ def test_rerun_reuses_and_regenerates_exactly_the_broken(first_eval, runs, metri
     assert results["overall"] == pytest.approx(before["overall"])
 
 
-def test_one_device_gives_the_same_scores(first_eval, runs, metric_dirs, tmp_path):
+def test_two_processes_of_one_device_give_the_same_scores_in_the_cloud(
+    first_eval, runs, metric_dirs, gcs, tmp_path
+):
+    """`evaluate --multihost` in two processes of one CPU device each (a mesh over both, CPU
+    collectives across them) against one process of 8 devices: the same pictures and scores;
+    process 0 alone writes, here to a gs:// folder on the GCS emulator."""
+    from gcs_emulator import free_port
+
     out8, _ = first_eval
-    ok(evaluate(f"--workdir={runs}", *metric_flags(metric_dirs), *SMALL, f"--out={tmp_path}",
-                devices=1))  # fmt: skip
-    one = json.loads((tmp_path / "results.json").read_text())
+    coordinator = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "idfuse_jax.evaluate", f"--workdir={runs}",
+               *metric_flags(metric_dirs), *SMALL, "--out=gs://bucket/eval2",
+               "--multihost"]  # fmt: skip
+    processes = []
+    for rank in range(2):
+        env = {**gcs.env(_env(1)), "JAX_COORDINATOR_ADDRESS": coordinator,
+               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank)}  # fmt: skip
+        with (tmp_path / f"{rank}.out").open("w") as out:
+            processes.append(subprocess.Popen(
+                command, env=env, cwd=REPO, text=True, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,  # an inherited stdin breaks gloo (test_multihost.py)
+            ))  # fmt: skip
+    codes = [p.wait(timeout=600) for p in processes]
+    logs = [(tmp_path / f"{rank}.out").read_text() for rank in range(2)]
+    assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
+    assert "report in gs://bucket/eval2/results.md" in logs[0] and "DINO" not in logs[1]
+    two = json.loads(gcs.read("eval2/results.json"))
     eight = json.loads((out8 / "results.json").read_text())
-    assert one["settings"]["devices"] == 1
+    assert two["settings"]["devices"] == 2 and two["inputs"]["out"] == "gs://bucket/eval2"
     for path in sorted((out8 / "images").rglob("*.png")):
+        name = path.relative_to(out8 / "images").as_posix()
         a = images_lib.read_image(path).astype(int)
-        b = images_lib.read_image(tmp_path / "images" / path.relative_to(out8 / "images"))
+        b = np.asarray(Image.open(io.BytesIO(gcs.read(f"eval2/images/{name}"))).convert("RGB"))
         assert np.abs(a - b).max() <= 1, path  # per-image seeds: the same picture
     for name in ("dog", "can"):
-        for a, b in zip(one["subjects"][name]["prompts"], eight["subjects"][name]["prompts"]):
+        for a, b in zip(two["subjects"][name]["prompts"], eight["subjects"][name]["prompts"]):
             for ra, rb in zip(a["images"], b["images"]):
                 for metric in ("dino", "clip_i", "clip_t"):
                     assert ra[metric] == pytest.approx(rb[metric], abs=1e-5), (name, ra["file"])
+    assert not (REPO / "gs:").exists()
 
 
 def test_images_folder_is_scored_without_generating(first_eval, metric_dirs, bench_dir, tmp_path):

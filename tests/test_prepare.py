@@ -384,20 +384,27 @@ def test_sd_inpainting_matches_diffusers(sd_inpaint_folder, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sd_inpainting_in_prepare(sd_inpaint_folder, synthetic_dir, tmp_path):
+def test_sd_inpainting_in_prepare(sd_inpaint_folder, synthetic_dir, tmp_path, monkeypatch):
+    """Backgrounds by the SD inpainter; its model is loaded only when a photo needs one."""
+    from idfuse_jax import weights
     from idfuse_jax.prepare.sd_inpaint import SDInpainter
 
     folder, _ = sd_inpaint_folder
     subject, (images, masks, _) = synthetic_dir
+    loads, load_unet = [], weights.load_unet
+    monkeypatch.setattr(weights, "load_unet", lambda *a, **k: loads.append(a) or load_unet(*a, **k))
     inpainter = SDInpainter(folder, steps=2, size=SD_SIDE)
+    assert loads == []
     result = prepare_subject(subject, tmp_path / "out", inpaint=inpainter, progress=False)
-    assert len(result.processed) == 4
+    assert len(result.processed) == 4 and len(loads) == 1
     got = load_subject(subject, RES, prepared_dir=tmp_path / "out")
     hole = np.stack([dilate(m, dilation_pixels(m.shape, inpainter.dilate)) for m in masks])
     np.testing.assert_array_equal(got.backgrounds[hole == 0], images[hole == 0])
     assert np.abs(got.backgrounds.astype(int) - images)[masks > 0].mean() > 10
-    again = prepare_subject(subject, tmp_path / "out", inpaint=inpainter, progress=False)
-    assert again.processed == ()
+    # A rerun (a new inpainter) with every background cached loads no model.
+    rerun = SDInpainter(folder, steps=2, size=SD_SIDE)
+    again = prepare_subject(subject, tmp_path / "out", inpaint=rerun, progress=False)
+    assert again.processed == () and len(loads) == 1
 
 
 def test_sd_inpainting_needs_nine_channels(tmp_path):

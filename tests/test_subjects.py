@@ -293,12 +293,24 @@ def test_two_hosts_each_holding_one_subject_match_the_one_process_job(job8, tmp_
     assert "Exported" not in (logs / "1.out").read_text()
 
 
-def test_resuming_with_other_subjects_is_refused(job8, tmp_path):
+def test_resuming_with_other_subjects_is_refused_before_anything_is_built(
+    job8, tmp_path, monkeypatch
+):
+    """Refused from the checkpoint's metadata alone: no model is built, no subject prepared,
+    and the job's config.json is left as the checkpoint's run wrote it."""
     shutil.copytree(job8 / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "config.json").write_text("the checkpoint's run")
+
+    def built(*args, **kwargs):
+        raise AssertionError("models built before the resume was refused")
+
+    monkeypatch.setattr(train_lib.build, "build_models", built)
+    monkeypatch.setattr(train_lib.subject_lib, "prepare_subject_features", built)
     config = tiny_config(**{**JOB, "data__subjects": "dog:dog"}, mesh__subject=2)
     message = "config.data.subjects=dog:dog differs from the checkpoint's dog:dog,teapot:teapot"
     with pytest.raises(ConfigError, match=re.escape(message)):
         train_lib.train_and_evaluate(config, tmp_path)
+    assert (tmp_path / "config.json").read_text() == "the checkpoint's run"
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,16 +4,15 @@ loss stays finite. Also the sampler against the trained weights.
 """
 
 import json
-import os
 import pathlib
 import shutil
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from signal_on_draw import SignalOnDraw as _SignalOnDraw
 
 from idfuse_jax import method, train_lib
 from idfuse_jax.config_lib import sibling_module
@@ -41,28 +40,6 @@ def checkpoint_steps(workdir) -> list[int]:
 def losses(workdir) -> list[float]:
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
     return [r["loss"] for r in rows if "loss" in r]
-
-
-class _SignalOnDraw:
-    """The real data iterator, sending this process SIGTERM while it draws batch `at`."""
-
-    def __init__(self, inner, at: int):
-        self.inner, self.at, self.draws = inner, at, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.draws += 1
-        if self.draws == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return next(self.inner)
-
-    def get_state(self):
-        return self.inner.get_state()
-
-    def set_state(self, state):
-        self.inner.set_state(state)
 
 
 COSINE = dict(

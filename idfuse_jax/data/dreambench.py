@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
+from idfuse_jax import paths
 from idfuse_jax.data.images import (
     BACKGROUNDS_DIR,
     MASKS_DIR,
@@ -39,7 +40,7 @@ from idfuse_jax.data.images import (
     read_mask,
 )
 from idfuse_jax.errors import DataError
-from idfuse_jax.types import PathLike
+from idfuse_jax.paths import PathLike
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = frozenset({"dog", "cat"})
@@ -50,7 +51,7 @@ _TEMPLATE = re.compile(r"""(['"])(.*?)\1\s*\.format\(""")
 class Benchmark:
     """The parsed benchmark folder (optionally restricted to some subjects)."""
 
-    root: pathlib.Path
+    root: paths.Path
     classes: dict[str, str]  # subject -> class name, in file order
     object_prompts: tuple[str, ...]
     live_prompts: tuple[str, ...]
@@ -67,7 +68,7 @@ class Benchmark:
         return self.live_prompts if self.is_live(subject) else self.object_prompts
 
 
-def _section(text: str, start: str, end: str | None, path: pathlib.Path) -> str:
+def _section(text: str, start: str, end: str | None, path: paths.Path) -> str:
     i = text.find(start)
     if i < 0:
         raise DataError(f"{path}: no '{start}' section")
@@ -75,7 +76,7 @@ def _section(text: str, start: str, end: str | None, path: pathlib.Path) -> str:
     return text[i + len(start) : j if j >= 0 else len(text)]
 
 
-def _templates(section: str, path: pathlib.Path, kind: str) -> tuple[str, ...]:
+def _templates(section: str, path: paths.Path, kind: str) -> tuple[str, ...]:
     """'a {0} {1} in the snow'.format(unique_token, class_token) -> 'a {token} {class_name} ...'."""
     found = [m.group(2) for m in _TEMPLATE.finditer(section)]
     if not found:
@@ -85,10 +86,10 @@ def _templates(section: str, path: pathlib.Path, kind: str) -> tuple[str, ...]:
 
 def parse_prompts_file(path: PathLike) -> tuple[dict[str, str], tuple[str, ...], tuple[str, ...]]:
     """(subject -> class, object prompt templates, live prompt templates) from the file."""
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     if not path.is_file():
         raise DataError(f"{path}: DreamBench {PROMPTS_FILE} not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_bytes().decode("utf-8", errors="replace")
     classes = {}
     for line in _section(text, "Classes", "Prompts", path).splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -103,8 +104,9 @@ def parse_prompts_file(path: PathLike) -> tuple[dict[str, str], tuple[str, ...],
 
 
 def read_benchmark(root: PathLike, subjects: Sequence[str] | None = None) -> Benchmark:
-    """Parse a DreamBench folder; `subjects` restricts it (each must be listed and present)."""
-    root = pathlib.Path(root)
+    """Parse a DreamBench folder (local or gs://); `subjects` restricts it (each must be listed
+    and present)."""
+    root = paths.as_path(root)
     if not root.is_dir():
         raise DataError(f"{root}: DreamBench folder not found")
     classes, objects, live = parse_prompts_file(root / PROMPTS_FILE)
@@ -129,10 +131,10 @@ def _png(array: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _fingerprint(paths: Sequence[pathlib.Path]) -> str:
-    """A short hash of file names, sizes and modification times."""
+def _fingerprint(files: Sequence[PathLike]) -> str:
+    """A short hash of (local) file names, sizes and modification times."""
     h = hashlib.sha256()
-    for p in paths:
+    for p in map(pathlib.Path, files):
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:12]
@@ -178,7 +180,7 @@ class Dreambench(tfds.core.GeneratorBasedBuilder):
     def benchmark(self) -> Benchmark:
         return self._bench
 
-    def _companion(self, subject: str, stem: str, sub: str) -> pathlib.Path:
+    def _companion(self, subject: str, stem: str, sub: str) -> paths.Path:
         folder = self._prepared / subject / sub
         path = find_sibling(folder, stem)
         if path is None:

@@ -12,23 +12,25 @@ same size as their photo. `to_model` turns images into the model side's float32 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import io
 
 import numpy as np
 from absl import logging
 from PIL import Image, ImageOps
 
+from idfuse_jax import paths
 from idfuse_jax.errors import DataError
-from idfuse_jax.types import PathLike
+from idfuse_jax.paths import PathLike
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASKS_DIR = "masks"
 BACKGROUNDS_DIR = "backgrounds"
 
 
-def list_images(folder: PathLike) -> list[pathlib.Path]:
-    """The photos of a subject folder, sorted by name; other files are skipped with a warning."""
-    folder = pathlib.Path(folder)
+def list_images(folder: PathLike) -> list[paths.Path]:
+    """The photos of a subject folder (local or gs://), sorted by name; other files are skipped
+    with a warning."""
+    folder = paths.as_path(folder)
     if not folder.exists():
         raise DataError(f"{folder}: subject folder not found")
     if not folder.is_dir():
@@ -49,10 +51,11 @@ def list_images(folder: PathLike) -> list[pathlib.Path]:
     return images
 
 
-def _open(path: pathlib.Path) -> Image.Image:
+def _open(path: paths.Path) -> Image.Image:
     """The fully decoded image, EXIF orientation applied; any decoding failure is a DataError."""
     try:
-        with Image.open(path) as image:
+        # Read whole, then decode: one request for a cloud file.
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
             image.load()  # decode now, so a truncated file fails here and not later
             return ImageOps.exif_transpose(image)
     except FileNotFoundError:
@@ -93,7 +96,7 @@ def read_image(path: PathLike, min_size: int = 0) -> np.ndarray:
 
     Raises DataError when the file cannot be decoded or its shorter side is under `min_size`.
     """
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     image = _open(path)
     if min(image.size) < min_size:
         w, h = image.size
@@ -108,7 +111,7 @@ def read_mask(path: PathLike, shape: tuple[int, int] | None = None) -> np.ndarra
     is >= 128 are subject. `shape` (H, W), when given, is the size of the mask's photo, which the
     mask must match.
     """
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     image = _open(path)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -127,13 +130,16 @@ def read_mask(path: PathLike, shape: tuple[int, int] | None = None) -> np.ndarra
     return (grey >= 128).astype(np.uint8)
 
 
-def find_sibling(folder: PathLike, stem: str) -> pathlib.Path | None:
+def find_sibling(folder: PathLike, stem: str) -> paths.Path | None:
     """The image file in `folder` with this stem (any image suffix), or None."""
-    folder = pathlib.Path(folder)
+    folder = paths.as_path(folder)
+    if not folder.is_dir():
+        return None
+    names = {p.name for p in folder.iterdir()}  # one listing, not a request per candidate
     for suffix in IMAGE_SUFFIXES:
-        for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
-            if candidate.is_file():
-                return candidate
+        for name in (f"{stem}{suffix}", f"{stem}{suffix.upper()}"):
+            if name in names and not (folder / name).is_dir():
+                return folder / name
     return None
 
 
@@ -186,7 +192,7 @@ SPATIAL_KEYS = ("image", "mask", "background")
 class Subject:
     """One subject's photos at training resolution, with masks/backgrounds when available."""
 
-    folder: pathlib.Path
+    folder: paths.Path
     names: tuple[str, ...]  # file stems, in order
     images: np.ndarray  # uint8 [N, R, R, 3]
     masks: np.ndarray | None = None  # uint8 [N, R, R] in {0, 1}
@@ -209,7 +215,7 @@ class Subject:
 
 
 def _read_companions(
-    folder: pathlib.Path, stems: list[str], shapes: list[tuple[int, int]], kind: str
+    folder: paths.Path, stems: list[str], shapes: list[tuple[int, int]], kind: str
 ) -> list[np.ndarray] | None:
     """Masks or backgrounds for every stem from `folder`; None when the folder is absent."""
     if not folder.is_dir():
@@ -245,13 +251,13 @@ def load_subject(
     `idfuse_jax.prepare`), else from the folder's own `masks/` if it has one; backgrounds come
     from `prepared_dir/backgrounds`. Every photo needs its mask once a mask folder is used.
     """
-    folder = pathlib.Path(folder)
-    paths = list_images(folder)
-    raw = [read_image(p, min_size) for p in paths]
-    stems = [p.stem for p in paths]
+    folder = paths.as_path(folder)
+    photos = list_images(folder)
+    raw = [read_image(p, min_size) for p in photos]
+    stems = [p.stem for p in photos]
     shapes = [a.shape[:2] for a in raw]
     if prepared_dir is not None:
-        prepared_dir = pathlib.Path(prepared_dir)
+        prepared_dir = paths.as_path(prepared_dir)
         if not prepared_dir.is_dir():
             raise DataError(f"{prepared_dir}: prepared folder not found")
         mask_dir, bg_dir = prepared_dir / MASKS_DIR, prepared_dir / BACKGROUNDS_DIR

@@ -5,15 +5,15 @@ fold_in(fold_in(fold_in(key(seed), crc32(s)), p), k), so an image is the same wh
 device count or resumed run produced it. Batches are split over a ("data", "fsdp") mesh of all
 devices (fsdp = 1: the weights are replicated, every device draws its own images) and padded to
 a fixed size, so one compiled program serves every batch and every subject of the same run
-config. Files are written atomically (a temporary name, then renamed) and checked on reuse.
+config. Files (local or gs://) are written whole or not at all (`paths.write_bytes`) and
+checked on reuse. Several processes (`evaluate --multihost`): the mesh spans every host's devices,
+every process runs the same batches, and the images come back whole on every process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pathlib
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from idfuse_jax import build, export, method, metrics, sharding
+from idfuse_jax import build, export, method, paths, sharding
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.errors import DataError
 
@@ -44,7 +44,7 @@ def image_keys(seed: int, subject: str, items: Sequence[Item]) -> np.ndarray:
     return np.asarray(jax.random.key_data(keys))
 
 
-def read_generated(path: pathlib.Path, resolution: int | None = None) -> np.ndarray | None:
+def read_generated(path: paths.Path, resolution: int | None = None) -> np.ndarray | None:
     """A stored image, or None when it is missing, unreadable, truncated or of another size."""
     if not path.is_file():
         return None
@@ -57,15 +57,13 @@ def read_generated(path: pathlib.Path, resolution: int | None = None) -> np.ndar
     return image
 
 
-def write_png(path: pathlib.Path, image: np.ndarray) -> None:
-    """Write atomically: an interrupted write never leaves a file under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    metrics.save_png(tmp, image)
-    os.replace(tmp, path)
+def write_png(path: paths.Path, image: np.ndarray) -> None:
+    """An interrupted write never leaves a partial file under the final name."""
+    paths.save_png(path, image)
 
 
 def missing_items(
-    folder: pathlib.Path, num_prompts: int, num_images: int, resolution: int
+    folder: paths.Path, num_prompts: int, num_images: int, resolution: int
 ) -> list[Item]:
     """The (prompt, image) pairs whose file is absent or not a valid image of this size."""
     return [
@@ -76,7 +74,7 @@ def missing_items(
     ]
 
 
-def stored_items(folder: pathlib.Path) -> dict[Item, pathlib.Path]:
+def stored_items(folder: paths.Path) -> dict[Item, paths.Path]:
     """{(prompt, image): path} of the P_K.png files in a folder (any zero padding)."""
     found = {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -110,7 +108,9 @@ class Sampler:
 
 
 def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sampler:
-    """Models of `config` (frozen weights replicated) and a jit over the data axis."""
+    """Models of `config` (frozen weights replicated) and a jit over the data axis of every
+    process's devices; the uint8 images come back whole on every device, so that each process
+    reads its own copy (a batch-sharded output would have rows on other hosts)."""
     mesh = sharding.make_mesh(-1, 1)
     models, frozen = build.build_models(config)
     frozen = replicate(frozen, mesh)
@@ -128,17 +128,18 @@ def jit_generation(
 
     def sample(frozen, trainable, ids, key_data):
         keys = jax.random.wrap_key_data(key_data)
-        return method.generate(models, config, frozen, trainable, ids, null_ids, keys)
+        images = method.generate(models, config, frozen, trainable, ids, null_ids, keys)
+        return to_uint8(images)
 
     return sharding.jit_on(
         mesh,
         sample,
         in_shardings=(replicated, replicated, batch, batch),
-        out_shardings=batch,
+        out_shardings=replicated,
     )
 
 
-def load_trainable(sampler: Sampler, config: ml_collections.ConfigDict, path: pathlib.Path) -> dict:
+def load_trainable(sampler: Sampler, config: ml_collections.ConfigDict, path: paths.Path) -> dict:
     """The trained LoRA, adapter and FFM of a workdir, replicated over the mesh."""
     template = method.init_trainable(jax.random.key(0), sampler.models, config, sampler.frozen)
     trainable = export.import_trainable(path, template)
@@ -162,14 +163,19 @@ def generate_items(
     all_keys = image_keys(seed, subject, items)  # up front: no device sync inside the loop
     b = sampler.batch_size
     batch = sharding.batch_sharding(sampler.mesh)
-    pending = None
+    pending, compiled = None, None
     for start in range(0, len(items), b):
         chunk = list(items[start : start + b])
         rows = np.arange(start, start + len(chunk))
         rows = np.concatenate([rows, np.full(b - len(chunk), start)])  # padded with the first
         ids_batch = sharding.put(ids[[items[i][0] for i in rows]], batch)
         keys = sharding.put(all_keys[rows], batch)
-        images = sampler.fn(sampler.frozen, trainable, ids_batch, keys)  # dispatched, not awaited
+        if compiled is None:
+            # Every process compiles before any runs it: on several hosts the program gathers
+            # across them, and CPU collectives give up on a peer 30 s late.
+            compiled = sampler.fn.lower(sampler.frozen, trainable, ids_batch, keys).compile()
+            sharding.sync_processes("idfuse_jax: evaluation sampler compiled")
+        images = compiled(sampler.frozen, trainable, ids_batch, keys)  # dispatched, not awaited
         if pending is not None:
             yield _fetch(*pending)
         pending = (chunk, images)
@@ -177,5 +183,11 @@ def generate_items(
         yield _fetch(*pending)
 
 
+def to_uint8(images: jax.Array) -> jax.Array:
+    """`metrics.to_uint8` on device (the same float32 arithmetic): a quarter of the bytes to
+    gather and to fetch."""
+    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
 def _fetch(chunk: list[Item], images: jax.Array) -> tuple[list[Item], np.ndarray]:
-    return chunk, metrics.to_uint8(jax.device_get(images))[: len(chunk)]
+    return chunk, np.asarray(jax.device_get(images))[: len(chunk)]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from idfuse_jax import metrics
+from idfuse_jax import metrics, paths
 from idfuse_jax.data import images as images_lib
 
 METRICS = ("dino", "clip_i", "clip_t")
@@ -71,10 +70,9 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: pathlib.Path, results: Mapping[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+def write_results(out: paths.Path, results: Mapping[str, Any]) -> None:
+    paths.write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    paths.write_text(out / "results.md", markdown(results))
 
 
 def subject_grid(real: Sequence[np.ndarray], generated: Sequence[np.ndarray]) -> np.ndarray:

@@ -1,13 +1,14 @@
 """An evaluation from start to end: check the inputs, generate what is missing, score, report.
 
 `evaluate(...)` is what `python -m idfuse_jax.evaluate` runs (see that module for the command);
-it takes plain arguments, so a script or notebook can call it too.
+it takes plain arguments, so a script or notebook can call it too. Every folder may be local or
+gs://. With several processes (`multihost=True`, every host running the same command) the images
+are generated over every host's devices; process 0 alone writes and scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from idfuse_jax import metrics
+from idfuse_jax import metrics, paths, sharding
 from idfuse_jax.data import images as images_lib
 from idfuse_jax.data import world
 from idfuse_jax.errors import ConfigError, DataError
@@ -38,9 +39,9 @@ def resolve_subjects(
     workdir: str | None, images: str | None, dreambench: str | None, max_prompts: int | None
 ) -> list[Subject]:
     """The subjects to evaluate, checked before any work (weights, prompts, real images)."""
-    bench = pathlib.Path(dreambench) if dreambench else None
+    bench = paths.as_path(dreambench) if dreambench else None
     if images is not None:
-        subjects = subjects_from_images(pathlib.Path(images), bench, max_prompts)
+        subjects = subjects_from_images(paths.as_path(images), bench, max_prompts)
     elif workdir is not None:
         subjects = [subject_from_workdir(w, bench, max_prompts) for w in find_workdirs(workdir)]
     else:
@@ -71,23 +72,42 @@ def with_sampler_flags(
     return dataclasses.replace(subject, config=config)
 
 
+def missing_everywhere(
+    folder: paths.Path, num_prompts: int, num_images: int, resolution: int
+) -> list[generation.Item]:
+    """`generation.missing_items` as process 0 sees them, on every process: all processes must
+    run the same batches, and only process 0 need see the output folder."""
+    missing = np.zeros((num_prompts, num_images), np.bool_)
+    if jax.process_index() == 0:
+        for p, k in generation.missing_items(folder, num_prompts, num_images, resolution):
+            missing[p, k] = True
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        sharding.sync_processes("idfuse_jax: evaluation items listed")
+        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+    return [(int(p), int(k)) for p, k in zip(*np.nonzero(missing))]
+
+
 def generate_all(
     subjects: Sequence[Subject],
-    images_dir: pathlib.Path,
+    images_dir: paths.Path,
     *,
     num_images: int,
     seed: int,
     batch_size: int,
 ) -> int:
-    """Draw every missing or broken image; returns how many were drawn."""
+    """Draw every missing or broken image (process 0 writes them); returns how many were drawn."""
     configs = [s.config for s in subjects]
     todo = [
-        generation.missing_items(images_dir / s.name, len(s.prompts), num_images, c.data.resolution)
+        missing_everywhere(images_dir / s.name, len(s.prompts), num_images, c.data.resolution)
         for s, c in zip(subjects, configs)
     ]
     total = sum(len(s.prompts) for s in subjects) * num_images
     drawn = sum(map(len, todo))
-    bar = tqdm(total=total, initial=total - drawn, unit="img", desc="generate", dynamic_ncols=True)
+    is_main = jax.process_index() == 0
+    bar = tqdm(total=total, initial=total - drawn, unit="img", desc="generate",
+               dynamic_ncols=True, disable=not is_main)  # fmt: skip
     samplers: dict[str, generation.Sampler] = {}
     for subject, config, items in zip(subjects, configs, todo):
         if not items:
@@ -98,20 +118,20 @@ def generate_all(
         sampler = samplers[key]
         trainable = generation.load_trainable(sampler, config, subject.workdir / WEIGHTS_FILE)
         folder = images_dir / subject.name
-        folder.mkdir(parents=True, exist_ok=True)
         batches = generation.generate_items(
             sampler, trainable, subject.prompts, subject.name, items, seed
         )
         for chunk, pictures in batches:
             for (p, k), picture in zip(chunk, pictures):
-                generation.write_png(folder / generation.image_name(p, k), picture)
+                if is_main:
+                    generation.write_png(folder / generation.image_name(p, k), picture)
             bar.update(len(chunk))
     bar.close()
     return drawn
 
 
 def read_images(
-    subject: Subject, folder: pathlib.Path, num_images: int | None
+    subject: Subject, folder: paths.Path, num_images: int | None
 ) -> dict[tuple[int, int], tuple[str, np.ndarray]]:
     """{(prompt, image): (file name, uint8 image)} of a subject: images 0..num_images-1 of each
     prompt, or (None) whatever each prompt has stored. A prompt without images or a broken file
@@ -171,8 +191,8 @@ def score_subject(
     result = {
         "class_name": subject.class_name,
         "live": subject.live,
-        "workdir": str(subject.workdir.resolve()) if subject.workdir else None,
-        "real_dir": str(subject.real_dir.resolve()),
+        "workdir": paths.display(subject.workdir) if subject.workdir else None,
+        "real_dir": paths.display(subject.real_dir),
         "num_real": len(real),
         "num_images": len(items),
         **report.mean_scores(image_rows),
@@ -220,15 +240,18 @@ def evaluate(
     dreambench: str | None = None,
     max_prompts: int | None = None,
     batch_size: int = 4,
+    multihost: bool = False,
     toybench_dir: str | None = None,
-) -> dict[str, Any]:
-    """Generate (unless `images`), score and write the report; returns results.json's content.
+) -> dict[str, Any] | None:
+    """Generate (unless `images`), score and write the report; returns results.json's content
+    (None on processes other than 0 of a multi-host evaluation, which only generate).
 
     Every input is checked before any image is drawn: the runs and their weights, the prompts,
     the real images, the metric folders. `toybench_dir` (a `data.world.write_toybench` folder)
     stands for `dreambench` and adds the ground-truth scores (toybench.json, toybench.md);
     DINO and CLIP are then optional.
     """
+    sharding.maybe_initialize_distributed(multihost)
     if toybench_dir is not None:
         world.read_truth(toybench_dir)  # a ToyBench folder, or a clear error now
         dreambench = dreambench or toybench_dir
@@ -251,14 +274,17 @@ def evaluate(
     models = encoders.load_metric_models(dino, clip) if dino else None
     drawn = 0
     if images is not None:
-        images_dir = pathlib.Path(images)
-        out_dir = pathlib.Path(out) if out else images_dir.parent
+        images_dir = paths.as_path(images)
+        out_dir = paths.as_path(out) if out else images_dir.parent
     else:
-        out_dir = pathlib.Path(out) if out else pathlib.Path(workdir) / "eval"
+        out_dir = paths.as_path(out) if out else paths.as_path(workdir) / "eval"
         images_dir = out_dir / "images"
         drawn = generate_all(
             subjects, images_dir, num_images=num_images, seed=seed, batch_size=batch_size
         )
+    if jax.process_index() != 0:  # the others wait for process 0 to score and write
+        sharding.sync_processes("idfuse_jax: evaluation done")
+        return None
     per_subject = {}
     for s in subjects:
         generated = read_images(s, images_dir / s.name, None if images else num_images)
@@ -286,10 +312,10 @@ def evaluate(
             "clip": str(models.clip_dir) if models else None,
         },
         "inputs": {
-            "workdir": None if images or not workdir else str(pathlib.Path(workdir).resolve()),
-            "images": str(images_dir.resolve()),
-            "out": str(out_dir.resolve()),
-            "dreambench": str(pathlib.Path(dreambench).resolve()) if dreambench else None,
+            "workdir": None if images or not workdir else paths.display(workdir),
+            "images": paths.display(images_dir),
+            "out": paths.display(out_dir),
+            "dreambench": paths.display(dreambench) if dreambench else None,
         },
         "published": list(report.PUBLISHED),
         "overall": {
@@ -306,8 +332,9 @@ def evaluate(
             "subjects": baselines,
         }
     if toybench_dir is not None:
-        truth = toybench.score_folder(images_dir, pathlib.Path(toybench_dir))
+        truth = toybench.score_folder(images_dir, paths.as_path(toybench_dir))
         toybench.write_scores(out_dir, truth)
         results["toybench"] = truth["overall"]
     report.write_results(out_dir, results)
+    sharding.sync_processes("idfuse_jax: evaluation done")
     return results

@@ -10,11 +10,10 @@ cats; object: the rest) from the benchmark's prompts_and_classes.txt (`data.drea
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import ml_collections
 
-from idfuse_jax import config_lib
+from idfuse_jax import config_lib, paths
 from idfuse_jax.data import dreambench, world
 from idfuse_jax.errors import ConfigError, DataError, WeightsError
 from idfuse_jax.subject import SUBJECTS_DIR
@@ -36,8 +35,8 @@ class Subject:
     live: bool
     prompts: tuple[str, ...]
     texts: tuple[str, ...]
-    real_dir: pathlib.Path
-    workdir: pathlib.Path | None = None
+    real_dir: paths.Path
+    workdir: paths.Path | None = None
     config: ml_collections.ConfigDict | None = dataclasses.field(default=None, compare=False)
 
 
@@ -55,10 +54,10 @@ def protocol_prompts(
     return prompts, tuple(without_token(t, class_name) for t in templates)
 
 
-def find_workdirs(run: str | pathlib.Path) -> list[pathlib.Path]:
+def find_workdirs(run: paths.PathLike) -> list[paths.Path]:
     """The subject workdirs of `run`: those of a multi-subject job (run/subjects/NAME), [run]
     if it is a single-subject workdir, else its sub-folders that are (one per subject)."""
-    run = pathlib.Path(run)
+    run = paths.as_path(run)
     if not run.is_dir():
         raise ConfigError(f"--workdir {run}: folder not found")
     if (run / CONFIG_FILE).is_file() and (run / SUBJECTS_DIR).is_dir():
@@ -73,14 +72,14 @@ def find_workdirs(run: str | pathlib.Path) -> list[pathlib.Path]:
     return found
 
 
-def read_run(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+def read_run(workdir: paths.Path) -> ml_collections.ConfigDict:
     """A trained workdir's config (in today's key names); refuses one without trained weights."""
     if not (workdir / WEIGHTS_FILE).is_file():
         raise WeightsError(f"{workdir}: no trained weights ({WEIGHTS_FILE}); train it first")
     return config_lib.load_run_config(workdir)
 
 
-def _prompts_file(bench_dir: pathlib.Path | None, instance_dir: pathlib.Path | None, where: str):
+def _prompts_file(bench_dir: paths.Path | None, instance_dir: paths.Path | None, where: str):
     for folder in (bench_dir, instance_dir.parent if instance_dir else None):
         if folder is not None and (folder / dreambench.PROMPTS_FILE).is_file():
             return folder / dreambench.PROMPTS_FILE
@@ -91,13 +90,13 @@ def _prompts_file(bench_dir: pathlib.Path | None, instance_dir: pathlib.Path | N
 
 
 def subject_from_workdir(
-    workdir: pathlib.Path, bench_dir: pathlib.Path | None, max_prompts: int | None
+    workdir: paths.Path, bench_dir: paths.Path | None, max_prompts: int | None
 ) -> Subject:
     """The subject a workdir was trained on: its token, class and photos (real images)."""
     config = read_run(workdir)
     d = config.data
     generated = d.instance_dir == "synthetic" or d.instance_dir.startswith(world.PREFIX)
-    instance = None if generated else pathlib.Path(d.instance_dir)
+    instance = None if generated else paths.as_path(d.instance_dir)
     name = instance.name if instance is not None else workdir.name
     if d.instance_dir.startswith(world.PREFIX):  # a ToyBench subject: --toybench has its photos
         name = d.instance_dir[len(world.PREFIX) :]
@@ -118,7 +117,7 @@ def subject_from_workdir(
 
 
 def subjects_from_images(
-    folder: pathlib.Path, bench_dir: pathlib.Path | None, max_prompts: int | None
+    folder: paths.Path, bench_dir: paths.Path | None, max_prompts: int | None
 ) -> list[Subject]:
     """The subjects of an image folder laid out like OUT/images (one sub-folder per subject)."""
     if bench_dir is None:

@@ -3,15 +3,15 @@
   python -m idfuse_jax.prepare data/dreambooth/dog --out runs/dog/prepared
   python -m idfuse_jax.prepare data/dreambooth --out prepared/dreambench   # every subject
   python -m idfuse_jax.prepare data/dreambooth --out P --subjects dog,cat --masks grabcut
+  python -m idfuse_jax.prepare gs://bucket/photos/dog --out gs://bucket/prepared/dog
 
 A folder with prompts_and_classes.txt is a DreamBench folder: each subject goes to OUT/<subject>.
+Input and output folders may be local or gs://.
 """
-
-import pathlib
 
 from absl import app, flags, logging
 
-from idfuse_jax import cli
+from idfuse_jax import cli, paths
 from idfuse_jax.data import dreambench
 from idfuse_jax.prepare.inpaint import INPAINTERS
 from idfuse_jax.prepare.masks import MASK_SOURCES
@@ -29,8 +29,9 @@ flags.mark_flag_as_required("out")
 FLAGS = flags.FLAGS
 
 
-def prepare(input_dir: pathlib.Path) -> dict[str, PrepareResult]:
+def prepare(input_dir: str) -> dict[str, PrepareResult]:
     """Prepare one subject folder, or the (chosen) subjects of a DreamBench folder."""
+    input_dir = paths.as_path(input_dir)
     kwargs = dict(
         masks=FLAGS.masks,
         onnx_model=FLAGS.onnx_model,
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("expected one INPUT folder (a subject folder or a DreamBench folder)")
     logging.set_verbosity(logging.INFO)
-    results = cli.run_or_fail(prepare, pathlib.Path(argv[1]))
+    results = cli.run_or_fail(prepare, argv[1])
     done = sum(len(r.processed) for r in results.values())
     kept = sum(len(r.skipped) for r in results.values())
     print(f"prepared {done} image(s), {kept} already up to date, in {FLAGS.out}")

@@ -12,16 +12,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import pathlib
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 import tqdm
 from absl import logging
-from PIL import Image
 
+from idfuse_jax import paths
 from idfuse_jax.data import dreambench
 from idfuse_jax.data.images import (
     BACKGROUNDS_DIR,
@@ -32,12 +30,11 @@ from idfuse_jax.data.images import (
     read_mask,
 )
 from idfuse_jax.errors import DataError
+from idfuse_jax.paths import PathLike
 from idfuse_jax.prepare.checks import MaskCheck
 from idfuse_jax.prepare.inpaint import Inpainter, make_inpainter
 from idfuse_jax.prepare.keys import method_key, method_name
 from idfuse_jax.prepare.masks import CENTRE_PRIOR, Segmenter, make_segmenter
-
-PathLike = str | pathlib.Path
 
 MANIFEST = "manifest.json"
 PREVIEW = "preview.png"
@@ -46,18 +43,15 @@ _RED = (220, 0, 0)
 DEFAULT_CHECK = MaskCheck()
 
 
-def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
-    """Write atomically, so an interrupted run never leaves a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _write_png(path: paths.Path, array: np.ndarray) -> None:
+    """Never a half-written output, even if interrupted (and no rename in the cloud)."""
+    paths.save_png(path, array)
 
 
-def _check_outside(inputs: pathlib.Path, out_dir: pathlib.Path) -> None:
-    inputs, out = inputs.resolve(), out_dir.resolve()
-    if out == inputs or inputs in out.parents:
-        raise DataError(f"{out_dir}: output folder is inside the input folder {inputs}")
+def _check_outside(inputs: paths.Path, out_dir: paths.Path) -> None:
+    root, out = paths.display(inputs).rstrip("/"), paths.display(out_dir).rstrip("/")
+    if out == root or out.startswith(root + "/"):
+        raise DataError(f"{out_dir}: output folder is inside the input folder {root}")
 
 
 def preview(
@@ -118,13 +112,13 @@ class PrepareResult:
     """Where the outputs went, which photos (by stem) were computed or found up to date, and
     which train without explicit decoupling (stem -> reason)."""
 
-    out_dir: pathlib.Path
+    out_dir: paths.Path
     processed: tuple[str, ...]
     skipped: tuple[str, ...]
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _read_manifest(out_dir: pathlib.Path) -> dict[str, dict]:
+def _read_manifest(out_dir: paths.Path) -> dict[str, dict]:
     path = out_dir / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -135,13 +129,12 @@ def _read_manifest(out_dir: pathlib.Path) -> dict[str, dict]:
     return manifest.get("images", {})
 
 
-def _write_manifest(out_dir: pathlib.Path, entries: dict[str, dict]) -> None:
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"format": _FORMAT, "images": entries}, indent=1, sort_keys=True))
-    os.replace(tmp, out_dir / MANIFEST)
+def _write_manifest(out_dir: paths.Path, entries: dict[str, dict]) -> None:
+    manifest = {"format": _FORMAT, "images": entries}
+    paths.write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def _cache_key(settings: str, path: pathlib.Path, given: pathlib.Path | None) -> str:
+def _cache_key(settings: str, path: paths.Path, given: paths.Path | None) -> str:
     """What the outputs for one photo depend on: methods, photo bytes, given mask bytes."""
     h = hashlib.sha256(settings.encode())
     h.update(path.read_bytes())
@@ -149,7 +142,7 @@ def _cache_key(settings: str, path: pathlib.Path, given: pathlib.Path | None) ->
     return h.hexdigest()
 
 
-def _output_paths(out_dir: pathlib.Path, stem: str) -> tuple[pathlib.Path, pathlib.Path]:
+def _output_paths(out_dir: paths.Path, stem: str) -> tuple[paths.Path, paths.Path]:
     return out_dir / MASKS_DIR / f"{stem}.png", out_dir / BACKGROUNDS_DIR / f"{stem}.png"
 
 
@@ -184,14 +177,14 @@ def choose_mask(
 
 
 def _prepare_one(
-    path: pathlib.Path,
-    given: pathlib.Path | None,
+    path: paths.Path,
+    given: paths.Path | None,
     segment: Segmenter | None,
     inpainter: Inpainter,
     check: MaskCheck,
     retry: Segmenter | None,
     min_size: int,
-    outputs: tuple[pathlib.Path, pathlib.Path],
+    outputs: tuple[paths.Path, paths.Path],
 ) -> dict:
     """Mask and background of one photo, written to `outputs`; returns the mask's record."""
     image = read_image(path, min_size)
@@ -242,8 +235,8 @@ def prepare_subject(
     bytes, given mask and methods are unchanged since the last run are skipped; outputs of
     photos no longer present are removed.
     """
-    folder, out_dir = pathlib.Path(folder), pathlib.Path(out_dir)
-    paths = list_images(folder)
+    folder, out_dir = paths.as_path(folder), paths.as_path(out_dir)
+    photos = list_images(folder)
     _check_outside(folder, out_dir)
     use_given = masks in ("auto", "given")
     segment = make_segmenter(masks, onnx_model, dino_model) if isinstance(masks, str) else masks
@@ -261,7 +254,7 @@ def prepare_subject(
     old = _read_manifest(out_dir)
     entries, processed, skipped = {}, [], []
     try:
-        for path in tqdm.tqdm(paths, desc=folder.name, unit="img", disable=not progress):
+        for path in tqdm.tqdm(photos, desc=folder.name, unit="img", disable=not progress):
             given = find_sibling(folder / MASKS_DIR, path.stem) if use_given else None
             if given is None and segment is None:
                 raise DataError(f"{path}: no mask in {folder / MASKS_DIR} (masks='given')")
@@ -294,7 +287,7 @@ def prepare_subject(
         _write_png(
             out_dir / PREVIEW,
             preview(
-                [read_image(p) for p in paths],
+                [read_image(p) for p in photos],
                 [read_mask(out_dir / MASKS_DIR / f"{s}.png") for s in stems],
                 [read_image(out_dir / BACKGROUNDS_DIR / f"{s}.png") for s in stems],
                 reasons=[entries[s]["reason"] for s in stems],
@@ -310,7 +303,7 @@ def explicit_decoupling(prepared_dir: PathLike, names: Sequence[str]) -> np.ndar
     """Per photo (by stem, in the order of `names`): 1.0 where its mask was accepted, so that
     L3 and L4 use its background; 0.0 where it trains without explicit decoupling. float32 [N].
     """
-    prepared_dir = pathlib.Path(prepared_dir)
+    prepared_dir = paths.as_path(prepared_dir)
     entries = _read_manifest(prepared_dir)
     missing = [n for n in names if n not in entries]
     if missing:
@@ -324,7 +317,7 @@ def explicit_decoupling(prepared_dir: PathLike, names: Sequence[str]) -> np.ndar
 def rejection_reasons(prepared_dir: PathLike) -> dict[str, str]:
     """stem -> why, for the photos of a prepared folder that train without explicit
     decoupling."""
-    entries = _read_manifest(pathlib.Path(prepared_dir))
+    entries = _read_manifest(paths.as_path(prepared_dir))
     return {stem: e["reason"] for stem, e in entries.items() if not e["accepted"]}
 
 
@@ -337,7 +330,7 @@ def prepare_dreambench(
 ) -> dict[str, PrepareResult]:
     """`prepare_subject` for every subject (or the named ones) of a DreamBench-layout folder,
     into `out_dir/<subject>/`; keyword arguments as for `prepare_subject`."""
-    root, out_dir = pathlib.Path(root), pathlib.Path(out_dir)
+    root, out_dir = paths.as_path(root), paths.as_path(out_dir)
     _check_outside(root, out_dir)
     bench = dreambench.read_benchmark(root, subjects)
     return {s: prepare_subject(root / s, out_dir / s, **kwargs) for s in bench.subjects}

@@ -50,17 +50,31 @@ class SDInpainter:
                 f"{self.folder}: UNet has in_channels {unet_config.get('in_channels')}; SD "
                 "inpainting needs an inpainting model (in_channels 9)"
             )
+        self.prompt, self.negative_prompt, self.dtype = prompt, negative_prompt, dtype
+        self.steps, self.guidance_scale, self.size = steps, guidance_scale, size
+        self.seed, self.dilate = seed, dilate
+        self._loaded = False
+        # The cache key needs no weights: a run whose backgrounds are all cached loads nothing.
+        self.key = (
+            f"sd(model={folder_fingerprint(self.folder)},prompt={prompt!r},"
+            f"negative={negative_prompt!r},steps={steps},guidance={guidance_scale},size={size},"
+            f"seed={seed},dilate={dilate},dtype={jnp.dtype(dtype).name})"
+        )
+
+    def _load(self) -> None:
+        """Load the models and encode the prompts, once, when the first photo needs them."""
+        if self._loaded:
+            return
+        dtype = self.dtype
         self.unet, unet_params = weights.load_unet(self.folder, dtype=dtype)
         self.vae, vae_params = weights.load_vae(self.folder, dtype=dtype)
         text, text_params = weights.load_clip_text(self.folder, dtype=dtype)
         tokenizer = weights.load_tokenizer(self.folder)
         self.schedule = diffusion.load_schedule(self.folder)
-        self.steps, self.guidance_scale, self.size = steps, guidance_scale, size
-        self.seed, self.dilate = seed, dilate
         self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)  # VAE downsampling
         # Photo sides are multiples of this: the VAE's factor times the UNet's down-sampling.
         self.granularity = self.scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        prompts = [negative_prompt, prompt] if self.guided else [prompt]
+        prompts = [self.negative_prompt, self.prompt] if self.guided else [self.prompt]
         context = jax.jit(text.apply)({"params": text_params}, tokenizer(prompts))
         self.params = {
             "unet": unet_params,
@@ -68,11 +82,7 @@ class SDInpainter:
             "context": context.last_hidden_state.astype(jnp.float32),
         }
         self._generate = jax.jit(self._generate_impl)
-        self.key = (
-            f"sd(model={folder_fingerprint(self.folder)},prompt={prompt!r},"
-            f"negative={negative_prompt!r},steps={steps},guidance={guidance_scale},size={size},"
-            f"seed={seed},dilate={dilate},dtype={jnp.dtype(dtype).name})"
-        )
+        self._loaded = True
 
     @property
     def guided(self) -> bool:
@@ -107,6 +117,7 @@ class SDInpainter:
         """The model's picture, float32 [H, W, 3] in [-1, 1], for a photo already sized for it:
         `image` float [H, W, 3] in [-1, 1], `mask` [H, W] (1 = fill); H, W multiples of
         `granularity`. The starting noise comes from `seed`."""
+        self._load()
         h, w = mask.shape
         if h % self.granularity or w % self.granularity:
             raise DataError(f"SD inpainting: size {w}x{h} is not a multiple of {self.granularity}")
@@ -129,6 +140,7 @@ class SDInpainter:
         hole = dilate(mask, dilation_pixels(mask.shape, self.dilate))
         if not hole.any():
             return image.copy()
+        self._load()
         h, w = image.shape[:2]
         wh, ww = self._work_shape(h, w)
         small = cv2.resize(image, (ww, wh), interpolation=cv2.INTER_AREA)
