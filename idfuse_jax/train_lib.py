@@ -196,11 +196,13 @@ def jit_subjects_step(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     frozen_shardings: Any,
+    gather_metrics: bool = True,
 ):
     """`subjects_step` jitted as training runs it: the state, features and step lengths split
     over "subject", each subject's batch over the batch axes, frozen weights as placed, the key
     replicated; the state donated. Metrics come back whole on every process (each host reads
-    every subject's, a few scalars each)."""
+    every subject's, a few scalars each: the step's only collective on a subject-only mesh),
+    or with `gather_metrics=False` split over "subject" like the state."""
     per_subject, replicated = sharding.subject_sharding(mesh), sharding.replicated(mesh)
     step = functools.partial(subjects_step, models=models, config=config, spmd_axis_name="subject")
     return sharding.jit_on(
@@ -215,7 +217,7 @@ def jit_subjects_step(
             replicated,
             per_subject,
         ),
-        out_shardings=(per_subject, replicated),
+        out_shardings=(per_subject, replicated if gather_metrics else per_subject),
         donate_argnums=(0,),
     )
 

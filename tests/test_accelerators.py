@@ -105,8 +105,14 @@ def compiled_programs(platform: str, mesh_name: str, names: tuple[str, ...]) -> 
         (count, config.train.batch_size), jnp.int32, sharding=sharding.subject_batch_sharding(mesh)
     )
     num_steps = jax.ShapeDtypeStruct((count,), jnp.int32, sharding=per_subject)
+    # On the subject-only mesh, the metrics stay with their subjects: gathering them (a few
+    # scalars per subject, which the loop asks for) is then the only communication.
     step = train_lib.jit_subjects_step(
-        models, config, mesh, jax.tree.map(lambda x: x.sharding, frozen)
+        models,
+        config,
+        mesh,
+        jax.tree.map(lambda x: x.sharding, frozen),
+        gather_metrics=mesh_name != "subject",
     )
     if "step" in names:
         lowered["step"] = step.lower(state, frozen, features, indices, key, num_steps)
@@ -139,8 +145,10 @@ def test_programs_compile_for_the_target_with_its_kernel(platform, mesh_name):
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_subject_only_step_has_no_collective(platform):
-    """Subjects split over the devices, each whole on its own: the step needs no communication
-    (no tie of backward.after across devices, kernels under a shard_map per subject)."""
+    """Subjects split over the devices, each whole on its own: the step's computation needs no
+    communication (no tie of backward.after across devices, kernels under a shard_map per
+    subject); its metrics are left split over the subjects (the loop gathers them: a few
+    scalars per subject, the only collective then)."""
     (hlo,) = compiled_programs(platform, "subject", ("step",)).values()
     assert KERNELS[platform] in hlo
     assert collectives(hlo) == set(), platform
