@@ -76,6 +76,29 @@ def _existing_folder(path: str, field: str, what: str) -> pathlib.Path:
 
 def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Params]]:
     """Small random models of `config.model.random` sizes (no files needed)."""
+    models = _random_modules(config)
+    keys = jax.random.split(jax.random.key(config.seed + 1), 4)
+    frozen = {
+        name: weights.init_params(module, key)
+        for (name, module), key in zip(_frozen_modules(models).items(), keys)
+    }
+    store = WEIGHTS_DTYPES[config.model.weights_dtype]
+    for name in ("unet", "text", "image"):
+        frozen[name] = jax.tree.map(lambda x: x.astype(store), frozen[name])
+    return models, frozen
+
+
+def _frozen_modules(models: Models) -> dict[str, Any]:
+    """The modules of the frozen parameter trees, by their key in `frozen`."""
+    return {
+        "unet": models.unet,
+        "vae": models.vae,
+        "text": models.text_encoder,
+        "image": models.image_encoder,
+    }
+
+
+def _random_modules(config: ml_collections.ConfigDict) -> Models:
     r = config.model.random
     dtype = DTYPES[config.model.dtype]
     attention = config.model.attention
@@ -118,7 +141,7 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
         patch_size=r.image_patch,
         projection_dim=r.projection_dim,
     )
-    models = _assemble(
+    return _assemble(
         config,
         unet.UNet2DConditionModel(
             unet_config, dtype=dtype, remat=config.model.remat, attention=attention
@@ -130,16 +153,6 @@ def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, 
         tokenizer,
         diffusion.Schedule.from_config(SD_SCHEDULE),
     )
-    keys = jax.random.split(jax.random.key(config.seed + 1), 4)
-    modules = (models.unet, models.vae, models.text_encoder, models.image_encoder)
-    frozen = {
-        name: weights.init_params(module, key)
-        for name, module, key in zip(("unet", "vae", "text", "image"), modules, keys)
-    }
-    store = WEIGHTS_DTYPES[config.model.weights_dtype]
-    for name in ("unet", "text", "image"):
-        frozen[name] = jax.tree.map(lambda x: x.astype(store), frozen[name])
-    return models, frozen
 
 
 def pretrained_models(
@@ -188,6 +201,52 @@ def pretrained_models(
         diffusion.load_schedule(sd),
     )
     frozen = {"unet": unet_params, "vae": vae_params, "text": text_params, "image": image_params}
+    return models, frozen
+
+
+def abstract_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Any]]:
+    """(Models, frozen params {"unet", "vae", "text", "image"} as jax.ShapeDtypeStructs in their
+    storage dtype), as `build_models` would build and load them, from config files alone.
+
+    Nothing is allocated and no weights are read: a pretrained config needs only the
+    config.json files and scheduler/ of its folders. The tokenizer is None (what compiles takes
+    token ids). For compiling a run's programs ahead of time (`idfuse_jax.compile_check`).
+    """
+    if config.model.pretrained:
+        dtype, remat, attention = (
+            DTYPES[config.model.dtype],
+            config.model.remat,
+            config.model.attention,
+        )
+        sd = _existing_folder(
+            config.model.pretrained,
+            "model.pretrained",
+            "a diffusers Stable Diffusion pipeline folder",
+        )
+        image_dir = _existing_folder(
+            config.model.image_encoder, "model.image_encoder", "a transformers CLIP vision folder"
+        )
+        models = _assemble(
+            config,
+            weights.unet_module(sd, dtype=dtype, remat=remat, attention=attention),
+            weights.vae_module(sd, attention=attention),
+            # SD 1.x/2.x text encoders have no projection; image encoders for IEDM must have one.
+            weights.clip_module(sd, "text", False, dtype=dtype, remat=remat, attention=attention),
+            weights.clip_module(
+                image_dir, "vision", True, dtype=dtype, remat=remat, attention=attention
+            ),
+            None,
+            diffusion.load_schedule(sd),
+        )
+    else:
+        models = _random_modules(config)
+    store = WEIGHTS_DTYPES[config.model.weights_dtype]
+    frozen = {}
+    for name, module in _frozen_modules(models).items():
+        dt = jnp.float32 if name == "vae" else store
+        frozen[name] = jax.tree.map(
+            lambda x, dt=dt: jax.ShapeDtypeStruct(x.shape, dt), weights.abstract_params(module)
+        )
     return models, frozen
 
 

@@ -80,7 +80,7 @@ def _single_config(
     return single
 
 
-def _parse_subjects(value: str) -> list[tuple[str, str | None]]:
+def parse_subjects(value: str) -> list[tuple[str, str | None]]:
     """'dog,cat2:cat' -> [('dog', None), ('cat2', 'cat')]."""
     entries = []
     for entry in value.split(","):
@@ -120,7 +120,7 @@ def subject_runs(
             )
         entries = [(name, None) for name in dreambench.read_benchmark(d.instance_dir).subjects]
     else:
-        entries = _parse_subjects(d.subjects)
+        entries = parse_subjects(d.subjects)
     classes = dict(entries)
     unknown = [name for name, class_name in entries if class_name is None]
     if unknown and synthetic_root:
@@ -212,6 +212,15 @@ def prepare_subject_features(
         return _features(config, models, frozen, images, backgrounds, decouple)
 
 
+def feature_programs(models: Models) -> tuple[jax.stages.Wrapped, jax.stages.Wrapped]:
+    """(encode, embed), jitted: (VAE params, images [1, R, R, 3] in [-1, 1]) -> latent moments,
+    and (image encoder params, CLIP pixels [1, S, S, 3]) -> image embeddings [1, D]. One image
+    at a time: a single compiled shape, and memory bounded at 512 px."""
+    encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
+    embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
+    return encode, embed
+
+
 def _features(
     config: ml_collections.ConfigDict,
     models: Models,
@@ -225,11 +234,9 @@ def _features(
         backgrounds = np.concatenate([backgrounds, backgrounds[:, :, ::-1]])
         decouple = np.concatenate([decouple, decouple])
 
-    # One image at a time: a single compiled shape, and memory bounded at 512 px.
     size = models.image_encoder.config.image_size
-    encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
+    encode, embed = feature_programs(models)
     encode = encode.lower(frozen["vae"], images_lib.to_model(images[:1])).compile()
-    embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
     embed = embed.lower(frozen["image"], clip_pixels(images[:1], size)).compile()
     # Both are collectives over the mesh: no process may start them while another still
     # compiles (CPU collectives give up on a peer 30 s late).

@@ -241,6 +241,24 @@ def subject_batches(
 # Validation samples
 
 
+def sampler_program(
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    null_ids: np.ndarray,
+) -> jax.stages.Wrapped:
+    """The validation sampler, jitted: (frozen, params, prompt_ids [R, P, T], s) -> images
+    [P, R, R, 3] of the P prompts of subject s (trainable weights: slot s of `params`), whole
+    on every device. `null_ids` [1, T]: the empty prompt's token ids."""
+    key = jax.random.key(config.sample.seed)
+
+    def generate(frozen, params, prompt_ids, s):
+        trainable = _take(params, s)
+        return method.generate(models, config, frozen, trainable, prompt_ids[s], null_ids, key)
+
+    return jax.jit(generate, out_shardings=sharding.replicated(mesh))
+
+
 def make_sampler(
     models: build.Models,
     config: ml_collections.ConfigDict,
@@ -260,15 +278,9 @@ def make_sampler(
     prompts = [method.format_prompts(run.config, config.sample.prompts) for run in runs]
     prompt_ids = np.stack([np.asarray(models.tokenizer(p)) for p in prompts])  # [R, P, T]
     prompt_ids = sharding.put(prompt_ids, replicated)
-    null_ids = jnp.asarray(models.tokenizer([""]))
-    key = jax.random.key(config.sample.seed)
-
-    def generate(frozen, params, prompt_ids, s):
-        trainable = _take(params, s)
-        return method.generate(models, config, frozen, trainable, prompt_ids[s], null_ids, key)
-
+    null_ids = np.asarray(models.tokenizer([""]))
     index = lambda s: sharding.put(np.int32(s), replicated)
-    fn = jax.jit(generate, out_shardings=replicated)
+    fn = sampler_program(models, config, mesh, null_ids)
     compiled = fn.lower(frozen, params, prompt_ids, index(0)).compile()
 
     def sample(frozen: dict[str, Params], params: dict[str, Params], s: int) -> np.ndarray:
@@ -455,6 +467,13 @@ def initial_state(
     program that every process runs: a mesh spanning processes takes no host-to-device copies
     from a single process.
     """
+    return init_program(config, models, count, mesh)(frozen)
+
+
+def init_program(
+    config: ml_collections.ConfigDict, models: build.Models, count: int, mesh: jax.sharding.Mesh
+) -> jax.stages.Wrapped:
+    """`initial_state`'s program, jitted: frozen -> (state of `count` subjects, step key)."""
     optimizer = optim.make_optimizer(
         config.optim, optim.learning_rate_schedule(config.optim, config.train.steps)
     )
@@ -467,7 +486,7 @@ def initial_state(
         return stacked, step_key
 
     out_shardings = (sharding.subject_sharding(mesh), sharding.replicated(mesh))
-    return jax.jit(init, out_shardings=out_shardings)(frozen)
+    return jax.jit(init, out_shardings=out_shardings)
 
 
 def _write_configs(

@@ -113,20 +113,31 @@ def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sa
     """Models of `config` (frozen weights replicated) and a jit over the data axis."""
     mesh = sharding.make_mesh(-1, 1)
     models, frozen = build.build_models(config)
-    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     frozen = replicate(frozen, mesh)
-    null_ids = np.asarray(models.tokenizer([""]))
+    fn = sampler_program(models, config, mesh, np.asarray(models.tokenizer([""])))
+    return Sampler(models, frozen, fn, mesh, per_device_batch * mesh.size)
+
+
+def sampler_program(
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    null_ids: np.ndarray,
+) -> jax.stages.Wrapped:
+    """The batch sampler, jitted: (frozen, trainable, ids [B, T], key data [B, ...]) -> images
+    [B, R, R, 3]; weights replicated, the batch split over the mesh. `null_ids` [1, T]: the
+    empty prompt's token ids."""
+    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
     def sample(frozen, trainable, ids, key_data):
         keys = jax.random.wrap_key_data(key_data)
         return method.generate(models, config, frozen, trainable, ids, null_ids, keys)
 
-    fn = jax.jit(
+    return jax.jit(
         sample,
         in_shardings=(replicated, replicated, batch, batch),
         out_shardings=batch,
     )
-    return Sampler(models, frozen, fn, mesh, per_device_batch * mesh.size)
 
 
 def load_trainable(sampler: Sampler, config: ml_collections.ConfigDict, path: pathlib.Path) -> dict:
