@@ -165,13 +165,13 @@ def training_programs(
         Program(
             "features: VAE encode",
             f"VAE moments of one {res} px image",
-            lambda m: subject.feature_programs(m)[0],
+            lambda m: subject.feature_programs(m, mesh)[0],
             (frozen["vae"], image),
         ),
         Program(
             "features: image encoder",
             f"CLIP image embedding of one {pixels} px image",
-            lambda m: subject.feature_programs(m)[1],
+            lambda m: subject.feature_programs(m, mesh)[1],
             (frozen["image"], clip_image),
         ),
     ]

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.formats import LazyArray
+from idfuse_jax.models import placement
 
 MESH_AXES = ("subject", "data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # a subject's batch
@@ -87,6 +88,25 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(data, fsdp, len(devices), subject)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def jit_on(
+    mesh: Mesh | None, fn: Callable, batch_axes: Sequence[str] = MESH_AXES, **jit_kwargs: Any
+) -> Any:
+    """`jax.jit(fn, **jit_kwargs)` for a model program over `mesh`: traced with the models
+    placed there (`models.placement`), so that its kernels are those of the mesh's devices (not
+    the host's) and its fused attention splits its batch over `batch_axes`. None: one device."""
+    if mesh is not None:
+        fn = placement.traced_on(fn, mesh, batch_axes)
+    return jax.jit(fn, **jit_kwargs)
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh of a tree's first leaf laid out by a NamedSharding, or None."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+            return leaf.sharding.mesh
+    return None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

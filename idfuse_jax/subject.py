@@ -212,13 +212,16 @@ def prepare_subject_features(
         return _features(config, models, frozen, images, backgrounds, decouple)
 
 
-def feature_programs(models: Models) -> tuple[jax.stages.Wrapped, jax.stages.Wrapped]:
-    """(encode, embed), jitted: (VAE params, images [1, R, R, 3] in [-1, 1]) -> latent moments,
-    and (image encoder params, CLIP pixels [1, S, S, 3]) -> image embeddings [1, D]. One image
-    at a time: a single compiled shape, and memory bounded at 512 px."""
-    encode = jax.jit(lambda p, x: models.vae.apply({"params": p}, x, method="encode"))
-    embed = jax.jit(lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds)
-    return encode, embed
+def feature_programs(
+    models: Models, mesh: jax.sharding.Mesh | None
+) -> tuple[jax.stages.Wrapped, jax.stages.Wrapped]:
+    """(encode, embed), jitted for the weights' `mesh`: (VAE params, images [1, R, R, 3] in
+    [-1, 1]) -> latent moments, and (image encoder params, CLIP pixels [1, S, S, 3]) -> image
+    embeddings [1, D]. One image at a time: a single compiled shape, and memory bounded at
+    512 px."""
+    encode = lambda p, x: models.vae.apply({"params": p}, x, method="encode")
+    embed = lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds
+    return sharding.jit_on(mesh, encode), sharding.jit_on(mesh, embed)
 
 
 def _features(
@@ -235,7 +238,7 @@ def _features(
         decouple = np.concatenate([decouple, decouple])
 
     size = models.image_encoder.config.image_size
-    encode, embed = feature_programs(models)
+    encode, embed = feature_programs(models, sharding.mesh_of(frozen))
     encode = encode.lower(frozen["vae"], images_lib.to_model(images[:1])).compile()
     embed = embed.lower(frozen["image"], clip_pixels(images[:1], size)).compile()
     # Both are collectives over the mesh: no process may start them while another still

@@ -136,6 +136,7 @@ def subjects_step(
     *,
     models: build.Models,
     config: ml_collections.ConfigDict,
+    spmd_axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step of every subject of a job: `train_step` mapped over the leading subject axis of
     `state`, `subjects`, `indices` [S, B] and `num_steps` [S]; frozen weights and the key are
@@ -143,6 +144,9 @@ def subjects_step(
 
     Subject s trains while state.step[s] < num_steps[s], which also sets the length of its
     learning-rate schedule; then its state stays as it is while longer subjects go on.
+
+    `spmd_axis_name`: the mesh axis the subject axis is split over, when jitted over a mesh
+    (kernels under a shard_map inside then keep each subject on its own devices).
     """
 
     def one(state, subject, indices, num_steps):
@@ -161,7 +165,7 @@ def subjects_step(
             active=state.step < num_steps,
         )
 
-    return jax.vmap(one)(state, subjects, indices, num_steps)
+    return jax.vmap(one, spmd_axis_name=spmd_axis_name)(state, subjects, indices, num_steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,8 +202,11 @@ def jit_subjects_step(
     replicated; the state donated. Metrics come back whole on every process (each host reads
     every subject's, a few scalars each)."""
     per_subject, replicated = sharding.subject_sharding(mesh), sharding.replicated(mesh)
-    return jax.jit(
-        functools.partial(subjects_step, models=models, config=config),
+    step = functools.partial(subjects_step, models=models, config=config, spmd_axis_name="subject")
+    return sharding.jit_on(
+        mesh,
+        step,
+        sharding.BATCH_AXES,
         in_shardings=(
             per_subject,
             frozen_shardings,
@@ -256,7 +263,7 @@ def sampler_program(
         trainable = _take(params, s)
         return method.generate(models, config, frozen, trainable, prompt_ids[s], null_ids, key)
 
-    return jax.jit(generate, out_shardings=sharding.replicated(mesh))
+    return sharding.jit_on(mesh, generate, out_shardings=sharding.replicated(mesh))
 
 
 def make_sampler(

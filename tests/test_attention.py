@@ -128,15 +128,15 @@ def test_config_refuses_unknown_attention():
         config_lib.validate(config)
 
 
-def test_cudnn_on_cpu_falls_back_to_xla(monkeypatch, caplog):
+def test_cudnn_on_cpu_falls_back_to_blockwise(monkeypatch, caplog):
     monkeypatch.setattr(attention, "_logged", set())
     qkv, d_out = _inputs(16, 16)
     with caplog.at_level(logging.INFO, logger="absl"):
         got = _out_and_grads("cudnn", qkv, d_out, None, False)
         _out_and_grads("cudnn", qkv, d_out, None, True)  # a second trace logs nothing more
-    _assert_close(got, _out_and_grads("xla", qkv, d_out, None, False), 0.0)
+    _assert_close(got, _out_and_grads("blockwise", qkv, d_out, None, False), 0.0)
     messages = [r.getMessage() for r in caplog.records if "cudnn" in r.getMessage()]
-    assert messages == ["attention cudnn unavailable, using xla: backend is cpu, not gpu"]
+    assert messages == ["attention cudnn unavailable, using blockwise: platform is cpu, not gpu"]
 
 
 def test_auto_on_cpu_is_blockwise_and_logged(monkeypatch, caplog):

@@ -133,7 +133,8 @@ def sampler_program(
         keys = jax.random.wrap_key_data(key_data)
         return method.generate(models, config, frozen, trainable, ids, null_ids, keys)
 
-    return jax.jit(
+    return sharding.jit_on(
+        mesh,
         sample,
         in_shardings=(replicated, replicated, batch, batch),
         out_shardings=batch,

@@ -12,11 +12,20 @@ chosen here, by name (config `model.attention`):
   backward pass (flash-attention-2), so memory is O(T x BLOCK) instead of O(T^2). On the 2-core
   CPU it is also 4-10x faster than "xla" in fwd+bwd (the score tiles stay in cache).
 - "cudnn": cuDNN's fused flash kernel (`implementation="cudnn"`), GPU only, fp16/bf16 and head
-  size <= 128 (256 from Hopper on), multiple of 8, no explicit mask; otherwise "xla", with the
-  reason logged once.
+  size <= 128 (256 from Hopper on), multiple of 8, no explicit mask; otherwise "blockwise", with
+  the reason logged once.
 - "tpu_flash": the Pallas TPU flash-attention kernel shipped with jax
-  (`jax.experimental.pallas.ops.tpu.flash_attention`), imported only when used.
-- "auto" (default): "cudnn" on GPU, "tpu_flash" on TPU, "blockwise" elsewhere; logged once.
+  (`jax.experimental.pallas.ops.tpu.flash_attention`), imported only when used. Head sizes above
+  128 that are not a multiple of 128 (SD 1.5's 160), which the kernel refuses, are zero-padded
+  to one (same scores, same scale; the padding is cut off the output).
+- "auto" (default): "cudnn" on GPU (float32, e.g. the VAE, goes "blockwise"), "tpu_flash" on
+  TPU, "blockwise" elsewhere; logged once.
+
+The platform is that of the devices the program is compiled for (`models.placement`), not the
+host's default backend. In a program over several devices the fused kernels (Pallas cannot be
+partitioned by XLA at all) run under a `jax.shard_map` of the program's mesh: the batch split
+over the placement's batch axes that divide it, then the heads over the remaining ones; an
+enclosing `vmap(spmd_axis_name=...)` adds its own axis.
 
 Layout is [batch, tokens, heads, head_dim]. Masks are boolean, broadcastable to [B, N, Tq, Tk]
 (True means attend); a fully masked row attends uniformly to every key, as in jax. Softmax
@@ -27,13 +36,17 @@ statistics (max and sum) are float32 in every implementation; `upcast` (SD 2.x's
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
+import einops
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.sharding import PartitionSpec
 
 from idfuse_jax.errors import ConfigError
+from idfuse_jax.models import placement
 from idfuse_jax.models.backward import after
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "tpu_flash")
@@ -64,14 +77,13 @@ def _check_name(name: str) -> None:
         )
 
 
-def _cudnn_refusal(q: jax.Array, mask: jax.Array | None) -> str | None:
+def _cudnn_refusal(where: placement.Placement, q: jax.Array, mask: jax.Array | None) -> str | None:
     """Why cuDNN's fused kernel cannot take these inputs, or None when it can."""
-    if jax.default_backend() != "gpu":
-        return f"backend is {jax.default_backend()}, not gpu"
+    if where.platform != "gpu":
+        return f"platform is {where.platform}, not gpu"
     if q.dtype not in (jnp.float16, jnp.bfloat16):
         return f"dtype {q.dtype} (cuDNN flash attention needs float16/bfloat16)"
-    capability = getattr(jax.devices()[0], "compute_capability", "0")
-    head_max = 256 if float(capability) >= 9.0 else 128
+    head_max = 256 if float(where.compute_capability or 0) >= 9.0 else 128
     if q.shape[-1] > head_max or q.shape[-1] % 8:
         return f"head size {q.shape[-1]} (needs a multiple of 8, at most {head_max})"
     if mask is not None:
@@ -80,23 +92,24 @@ def _cudnn_refusal(q: jax.Array, mask: jax.Array | None) -> str | None:
 
 
 def resolve(name: str, q: jax.Array, mask: jax.Array | None = None) -> str:
-    """The implementation that runs for `name` on these inputs (never "auto").
+    """The implementation that runs for `name` on these inputs (never "auto"), on the platform
+    of the program being traced (`placement.current()`).
 
-    Raises ConfigError for an unknown name. A requested "cudnn" that cannot run falls back to
-    "xla" and logs why, once.
+    Raises ConfigError for an unknown name. A "cudnn" (asked for, or chosen by "auto") that
+    cannot run falls back to "blockwise" and logs why, once.
     """
     _check_name(name)
-    backend = jax.default_backend()
+    where = placement.current()
     if name == "auto":
-        chosen = {"gpu": "cudnn", "tpu": "tpu_flash"}.get(backend, "blockwise")
-        if chosen == "cudnn" and (reason := _cudnn_refusal(q, mask)) is not None:
-            chosen = "xla"
-            _log_once(f"attention auto on gpu: xla for {q.shape} ({reason})", warn=True)
-        _log_once(f"attention auto on {backend}: {chosen}")
+        chosen = {"gpu": "cudnn", "tpu": "tpu_flash"}.get(where.platform, "blockwise")
+        if chosen == "cudnn" and (reason := _cudnn_refusal(where, q, mask)) is not None:
+            chosen = "blockwise"
+            _log_once(f"attention auto on gpu: blockwise for {q.shape} ({reason})")
+        _log_once(f"attention auto on {where.platform}: {chosen}")
         return chosen
-    if name == "cudnn" and (reason := _cudnn_refusal(q, mask)) is not None:
-        _log_once(f"attention cudnn unavailable, using xla: {reason}", warn=True)
-        return "xla"
+    if name == "cudnn" and (reason := _cudnn_refusal(where, q, mask)) is not None:
+        _log_once(f"attention cudnn unavailable, using blockwise: {reason}", warn=True)
+        return "blockwise"
     return name
 
 
@@ -125,8 +138,52 @@ def dot_product_attention(
     dtype = q.dtype
     if upcast and chosen in ("xla", "blockwise"):
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    out = _KERNELS[chosen](q, k, v, mask, is_causal)
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    kernel = functools.partial(_KERNELS[chosen], causal=is_causal)
+    if chosen in _FUSED and placement.current().sharded:
+        out = _shard_mapped(kernel, placement.current(), q, k, v, mask)
+    else:
+        out = kernel(q, k, v, mask)
     return out.astype(dtype)
+
+
+def _split_axes(axes: tuple[str, ...], sizes: dict[str, int], n: int) -> tuple[str, ...]:
+    """The leading `axes` whose sizes multiply to a divisor of n (the rest stay whole)."""
+    taken: list[str] = []
+    for axis in axes:
+        if n % (sizes[axis] * math.prod(sizes[a] for a in taken)):
+            break
+        taken.append(axis)
+    return tuple(taken)
+
+
+def _shard_mapped(kernel: Callable, where: placement.Placement, q, k, v, mask) -> jax.Array:
+    """`kernel(q, k, v, mask)` over [B, T, N, H] under a shard_map of the program's mesh.
+
+    XLA cannot partition a Mosaic (Pallas) custom call at all, and cuDNN's own partitioning
+    does not see through the subject vmap; inside the shard_map each device runs the kernel on
+    its own block. The batch is split over the placement's batch axes that divide it, the heads
+    over the rest that divide them; other axes (and a batch that divides none) hold whole copies.
+    `check_vma=False`: the Pallas kernels carry no varying-axes annotations.
+    """
+    sizes = dict(where.mesh.shape)
+    batch = _split_axes(where.batch_axes, sizes, q.shape[0])
+    rest = tuple(a for a in where.batch_axes if a not in batch)
+    heads = _split_axes(rest, sizes, q.shape[2])
+    spec = PartitionSpec(batch or None, None, heads or None, None)
+    if mask is None:
+        body, args, in_specs = (lambda q, k, v: kernel(q, k, v, None)), (q, k, v), (spec,) * 3
+    else:  # [b, n, Tq, Tk], b and n 1 or full: split only the full ones
+        mask_spec = PartitionSpec(
+            batch if mask.shape[0] > 1 and batch else None,
+            heads if mask.shape[1] > 1 and heads else None,
+        )
+        body, args, in_specs = kernel, (q, k, v, mask), (spec,) * 3 + (mask_spec,)
+    mapped = jax.shard_map(
+        body, mesh=where.mesh, in_specs=in_specs, out_specs=spec, check_vma=False
+    )
+    return mapped(*args)
 
 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool):
@@ -134,23 +191,25 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causa
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool):
-    del mask  # resolve() sends masked calls to xla
+    del mask  # resolve() sends masked calls elsewhere
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 
-def _bnth(x: jax.Array) -> jax.Array:
-    """[B, T, N, H] <-> [B, N, T, H]."""
-    return jnp.swapaxes(x, 1, 2)
+def _to_heads_major(x: jax.Array) -> jax.Array:
+    return einops.rearrange(x, "b t n h -> b n t h")
+
+
+def _to_tokens_major(x: jax.Array) -> jax.Array:
+    return einops.rearrange(x, "b n t h -> b t n h")
 
 
 def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool):
     """Flash attention over [B, T, N, H] in plain JAX (see `_flash`)."""
-    q, k, v = _bnth(q), _bnth(k), _bnth(v)
+    q, k, v = (_to_heads_major(x) for x in (q, k, v))
     if mask is not None:
         mask = jnp.broadcast_to(mask, (*mask.shape[:-1], k.shape[2]))
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     rows = jnp.arange(q.shape[2]) if causal else None
-    return _bnth(_flash(q, k, v, mask, rows, min(BLOCK, k.shape[2])))
+    return _to_tokens_major(_flash(q, k, v, mask, rows, min(BLOCK, k.shape[2])))
 
 
 def _query_chunks(tq: int) -> int:
@@ -407,12 +466,20 @@ def _tpu_flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
     explicit mask becomes the kernel's additive bias (full [B, N, Tq, Tk], as it requires).
     Padded query rows are dropped from the output. A fully masked row (none in our models) gets
     the uniform output of the other kernels but a non-zero dq, since the mask is a bias here.
+    A head size above 128 must be a multiple of 128: other ones are zero-padded to the next
+    (zero columns add nothing to q.k and give zero output columns, cut off; scale unchanged).
     """
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu  # TPU-only, lazy
 
     (b, tq, n, h), tk = q.shape, k.shape[1]
     tq_pad, tk_pad = (-t % TPU_BLOCK for t in (tq, tk))
-    q, k, v = (_pad_tokens(_bnth(x), p) for x, p in ((q, tq_pad), (k, tk_pad), (v, tk_pad)))
+    h_pad = -h % TPU_BLOCK if h > TPU_BLOCK else 0
+    if h_pad:
+        _log_once(f"attention tpu_flash: head size {h} zero-padded to {h + h_pad}")
+    q, k, v = (
+        _pad(_to_heads_major(x), tokens, h_pad)
+        for x, tokens in ((q, tq_pad), (k, tk_pad), (v, tk_pad))
+    )
     segments = None
     if tk_pad:
         kv_ids = (jnp.arange(tk + tk_pad) < tk).astype(jnp.int32)
@@ -434,12 +501,14 @@ def _tpu_flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
         sm_scale=h**-0.5,
         block_sizes=_tpu_block_sizes(tq + tq_pad, tk + tk_pad, tpu.BlockSizes),
     )
-    return _bnth(out[:, :, :tq])
+    return _to_tokens_major(out[:, :, :tq, :h])
 
 
-def _pad_tokens(x: jax.Array, pad: int) -> jax.Array:
-    """Zero-pad [B, N, T, H] along T."""
-    return jnp.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)]) if pad else x
+def _pad(x: jax.Array, tokens: int, features: int) -> jax.Array:
+    """Zero-pad [B, N, T, H] along T and H."""
+    if not (tokens or features):
+        return x
+    return jnp.pad(x, [(0, 0), (0, 0), (0, tokens), (0, features)])
 
 
 def _tpu_block_sizes(tq: int, tk: int, block_sizes: Callable):
@@ -460,6 +529,7 @@ def _tpu_block_sizes(tq: int, tk: int, block_sizes: Callable):
     )
 
 
+_FUSED = ("cudnn", "tpu_flash")  # custom calls: under a shard_map in multi-device programs
 _KERNELS = {
     "xla": _xla,
     "blockwise": _blockwise,
@@ -471,9 +541,9 @@ assert set(_KERNELS) == set(IMPLEMENTATIONS) - {"auto"}
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """[B, T, N*H] -> [B, T, N, H]."""
-    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    return einops.rearrange(x, "... t (n h) -> ... t n h", n=num_heads)
 
 
 def merge_heads(x: jax.Array) -> jax.Array:
     """[B, T, N, H] -> [B, T, N*H]."""
-    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+    return einops.rearrange(x, "... t n h -> ... t (n h)")

@@ -16,6 +16,13 @@ and which XLA's simplifier does not fold. With a layer's cotangent as the trigge
 result waits for the backward pass to reach the layer (`conv_general_dilated`, `remat_call`, the
 blockwise attention's accumulators); with the layer's input, for the forward pass to reach it
 (`promote_dtype`: kernels cast to bfloat16).
+
+Only where it helps and costs nothing: single-device programs on CPU, the only place it was
+measured (`models.placement`). Elsewhere `after` returns `tree` as it is. On TPU and GPU the
+schedulers are XLA's latency-hiding and memory-aware ones, which keep barriers; and in a program
+over several devices the first element of a sharded trigger lives on one device, so every tie
+would be a broadcast from it (an all-reduce per convolution, every subject waiting for the
+first one's devices).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from idfuse_jax.models import placement
 
 
 def after(trigger: jax.Array, tree: Any) -> Any:
@@ -36,7 +45,16 @@ def after(trigger: jax.Array, tree: Any) -> Any:
     became grouped convolutions over the subject axis, which XLA's SPMD partitioner gets wrong
     when that axis is split over devices (wrong gradients, measured).
     """
+    if not ties_help():
+        return tree
     return jax.tree.map(lambda x: _tie(trigger, x), tree)
+
+
+def ties_help(where: placement.Placement | None = None) -> bool:
+    """Whether `after` ties anything in a program placed `where` (default: the one being traced):
+    on one CPU device only (see the module docstring)."""
+    where = where or placement.current()
+    return where.platform == "cpu" and not where.sharded
 
 
 def _zero(trigger: jax.Array) -> jax.Array:
