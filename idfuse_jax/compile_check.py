@@ -151,10 +151,11 @@ def training_programs(
     frozen: dict[str, Any],
     mesh: jax.sharding.Mesh,
     job: Job,
+    slots: int,
 ) -> list[Program]:
     """The programs `train` compiles, in its order: subject features, initial state, step,
-    validation sampler; laid out as `train_lib.train_and_evaluate` lays them out."""
-    slots = -(-job.subjects // mesh.shape["subject"]) * mesh.shape["subject"]
+    validation sampler; laid out as `train_lib.train_and_evaluate` lays them out over `mesh`,
+    for `slots` subject slots (the job's subjects padded to a multiple of the subject axis)."""
     frozen = _abstract(frozen, sharding.fsdp_shardings(frozen, mesh))
     side = config.data.resolution // models.latent_downsample
     pixels = models.image_encoder.config.image_size
@@ -216,18 +217,17 @@ def evaluation_program(
     config: ml_collections.ConfigDict,
     models: build.Models,
     frozen: dict[str, Any],
-    devices: Sequence[Any],
-    per_device_batch: int,
+    mesh: jax.sharding.Mesh,
+    size: int,
 ) -> Program:
-    """`evaluate`'s batch sampler over a data mesh of every device, weights replicated."""
-    mesh = sharding.make_mesh(-1, 1, devices)
+    """`evaluate`'s batch sampler of `size` images over `mesh` (`make_mesh(-1, 1)`: a data axis
+    of every device), weights replicated."""
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     frozen = _abstract(frozen, jax.tree.map(lambda _: replicated, frozen))
     trainable = jax.eval_shape(
         lambda f: method.init_trainable(jax.random.key(0), models, config, f), frozen
     )
     trainable = _abstract(trainable, jax.tree.map(lambda _: replicated, trainable))
-    size = per_device_batch * mesh.size
     tokens = models.text_encoder.config.max_position_embeddings
     key_shape = jax.random.key_data(jax.random.key(0)).shape
     null_ids = np.zeros((1, tokens), np.int32)
@@ -245,6 +245,15 @@ def evaluation_program(
     )
 
 
+def count_kernels(hlo_text: str) -> dict[str, int]:
+    """The fused attention kernels a compiled program calls, by their custom calls: cuDNN's
+    (GPU; its convolutions not counted) and Mosaic's (Pallas, TPU)."""
+    return {
+        "cudnn": len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo_text)),
+        "mosaic": len(re.findall(r'custom_call_target="tpu_custom_call"', hlo_text)),
+    }
+
+
 def count_collectives(hlo_text: str) -> dict[str, int]:
     """How many of each collective a compiled program's HLO holds (async pairs count once)."""
     found = _COLLECTIVE.findall(hlo_text)
@@ -252,14 +261,22 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 
 def compile_program(
-    program: Program, models: build.Models, target: targets.Target, num_devices: int
+    program: Program,
+    twin: Program,
+    models: build.Models,
+    target: targets.Target,
+    num_devices: int,
 ) -> dict[str, Any]:
     """Compile `program` for `target`: memory per device (bytes), model FLOPs per device,
     compile seconds, collectives; a program the compiler refuses for its memory has
-    "error" set instead of the memory."""
+    "error" set instead of the memory.
+
+    The model FLOPs are those of `twin`, the same program over one CPU device, divided by the
+    devices: the whole job's math (`train_lib.model_flops`), which a compile-only client cannot
+    count (its cost analysis of a lowered program is None)."""
     result: dict[str, Any] = {"program": program.name, "what": program.what}
     if program.count_flops:
-        flops = train_lib.model_flops(program.jitted_for, models, program.args)
+        flops = train_lib.model_flops(twin.jitted_for, models, twin.args)
         result["model_flops_per_device"] = flops / num_devices
     start = time.perf_counter()
     try:
@@ -280,10 +297,12 @@ def compile_program(
     result.update(
         arguments=arguments,
         outputs=outputs,
+        aliased=alias,
         temporaries=temps,
         peak=arguments + outputs - alias + temps,
-        collectives=count_collectives(compiled.as_text()),
     )
+    text = compiled.as_text()
+    result.update(collectives=count_collectives(text), kernels=count_kernels(text))
     return result
 
 
@@ -298,8 +317,8 @@ def _gib(n: float | None) -> str:
 
 HEADER = (
     "| program | arguments GiB | outputs GiB | temporaries GiB | peak GiB | fits | "
-    "model TFLOP per device | compile s | collectives |\n"
-    "|---|---:|---:|---:|---:|---|---:|---:|---|"
+    "model TFLOP per device | compile s | collectives | fused attention calls |\n"
+    "|---|---:|---:|---:|---:|---|---:|---:|---|---|"
 )
 
 
@@ -310,9 +329,10 @@ def table_row(r: dict[str, Any]) -> str:
         r["program"],
         *(_gib(r.get(k)) for k in ("arguments", "outputs", "temporaries", "peak")),
         "yes" if r["fits"] else "**no**",
-        "-" if flops is None else f"{flops / 1e12:.3f}",
+        "-" if flops is None else f"{flops / 1e12:.3g}",
         f"{r['compile_seconds']:.1f}",
         collectives or ("-" if "error" in r else "none"),
+        ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items() if v) or "-",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -342,7 +362,13 @@ def check(
     except ConfigError as e:
         raise ConfigError(f"target {target.name} ({len(devices)} devices): {e}") from None
     job = job_shapes(config)
+    slots = -(-job.subjects // mesh.shape["subject"]) * mesh.shape["subject"]
+    eval_mesh = sharding.make_mesh(-1, 1, devices)
+    eval_size = eval_batch_size * eval_mesh.size
     models, frozen = build.abstract_models(config)
+    # The same programs over one CPU device (every mesh axis of size 1), for the model FLOPs.
+    cpu = jax.devices("cpu")[:1]
+    one = sharding.make_mesh(1, 1, cpu, subject=1)
     report = {
         "target": target.name,
         "device": target.device_name,
@@ -367,16 +393,21 @@ def check(
         f"{config.model.dtype}, weights {report['weights_dtype']}, attention "
         f"{config.model.attention}"
     )
-    todo = [
-        p
-        for p in training_programs(config, models, frozen, mesh, job)
-        if p.name.split(":")[0] in programs
-    ]
+    pairs = zip(
+        training_programs(config, models, frozen, mesh, job, slots),
+        training_programs(config, models, frozen, one, job, slots),
+    )
+    todo = [(p, twin) for p, twin in pairs if p.name.split(":")[0] in programs]
     if "evaluation" in programs:
-        todo.append(evaluation_program(config, models, frozen, devices, eval_batch_size))
-    for i, program in enumerate(todo, 1):
+        todo.append(
+            (
+                evaluation_program(config, models, frozen, eval_mesh, eval_size),
+                evaluation_program(config, models, frozen, one, eval_size),
+            )
+        )
+    for i, (program, twin) in enumerate(todo, 1):
         log(f"[{i}/{len(todo)}] {program.name} ({program.what}): compiling ...")
-        r = compile_program(program, models, target, len(devices))
+        r = compile_program(program, twin, models, target, len(devices))
         r["fits"] = "error" not in r and r["peak"] <= limit
         report["programs"].append(r)
         log(
