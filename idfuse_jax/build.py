@@ -76,29 +76,12 @@ def _existing_folder(path: str, field: str, what: str) -> pathlib.Path:
 
 def random_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Params]]:
     """Small random models of `config.model.random` sizes (no files needed)."""
-    models = _random_modules(config)
-    keys = jax.random.split(jax.random.key(config.seed + 1), 4)
-    frozen = {
-        name: weights.init_params(module, key)
-        for (name, module), key in zip(_frozen_modules(models).items(), keys)
-    }
-    store = WEIGHTS_DTYPES[config.model.weights_dtype]
-    for name in ("unet", "text", "image"):
-        frozen[name] = jax.tree.map(lambda x: x.astype(store), frozen[name])
-    return models, frozen
+    models = random_modules(config)
+    return models, random_weights(models, config)
 
 
-def _frozen_modules(models: Models) -> dict[str, Any]:
-    """The modules of the frozen parameter trees, by their key in `frozen`."""
-    return {
-        "unet": models.unet,
-        "vae": models.vae,
-        "text": models.text_encoder,
-        "image": models.image_encoder,
-    }
-
-
-def _random_modules(config: ml_collections.ConfigDict) -> Models:
+def random_modules(config: ml_collections.ConfigDict) -> Models:
+    """The networks of `random_models`, without their weights."""
     r = config.model.random
     dtype = DTYPES[config.model.dtype]
     attention = config.model.attention
@@ -153,6 +136,20 @@ def _random_modules(config: ml_collections.ConfigDict) -> Models:
         tokenizer,
         diffusion.Schedule.from_config(SD_SCHEDULE),
     )
+
+
+def random_weights(models: Models, config: ml_collections.ConfigDict) -> dict[str, Params]:
+    """Random frozen weights of `random_modules`' networks, stored as config.model asks."""
+    keys = jax.random.split(jax.random.key(config.seed + 1), 4)
+    modules = (models.unet, models.vae, models.text_encoder, models.image_encoder)
+    frozen = {
+        name: weights.init_params(module, key)
+        for name, module, key in zip(("unet", "vae", "text", "image"), modules, keys)
+    }
+    store = WEIGHTS_DTYPES[config.model.weights_dtype]
+    for name in ("unet", "text", "image"):
+        frozen[name] = jax.tree.map(lambda x: x.astype(store), frozen[name])
+    return frozen
 
 
 def pretrained_models(
@@ -239,10 +236,16 @@ def abstract_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str
             diffusion.load_schedule(sd),
         )
     else:
-        models = _random_modules(config)
+        models = random_modules(config)
     store = WEIGHTS_DTYPES[config.model.weights_dtype]
+    modules = {
+        "unet": models.unet,
+        "vae": models.vae,
+        "text": models.text_encoder,
+        "image": models.image_encoder,
+    }
     frozen = {}
-    for name, module in _frozen_modules(models).items():
+    for name, module in modules.items():
         dt = jnp.float32 if name == "vae" else store
         frozen[name] = jax.tree.map(
             lambda x, dt=dt: jax.ShapeDtypeStruct(x.shape, dt), weights.abstract_params(module)

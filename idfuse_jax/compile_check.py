@@ -206,7 +206,7 @@ def training_programs(
             "sampler",
             f"validation samples: {len(config.sample.prompts)} prompts, "
             f"{config.sample.num_steps} steps",
-            lambda m: train_lib.sampler_program(m, config, mesh, null_ids),
+            lambda m: train_lib.jit_sampler(m, config, mesh, null_ids),
             (frozen, state.params, prompts, _sds((), jnp.int32, replicated)),
             False,
         ),
@@ -234,7 +234,7 @@ def evaluation_program(
     return Program(
         "evaluation",
         f"evaluation batches of {size} images, {config.sample.num_steps} steps",
-        lambda m: generation.sampler_program(m, config, mesh, null_ids),
+        lambda m: generation.jit_generation(m, config, mesh, null_ids),
         (
             frozen,
             trainable,

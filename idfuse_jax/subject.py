@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -212,13 +213,10 @@ def prepare_subject_features(
         return _features(config, models, frozen, images, backgrounds, decouple)
 
 
-def feature_programs(
-    models: Models, mesh: jax.sharding.Mesh | None
-) -> tuple[jax.stages.Wrapped, jax.stages.Wrapped]:
-    """(encode, embed), jitted for the weights' `mesh`: (VAE params, images [1, R, R, 3] in
-    [-1, 1]) -> latent moments, and (image encoder params, CLIP pixels [1, S, S, 3]) -> image
-    embeddings [1, D]. One image at a time: a single compiled shape, and memory bounded at
-    512 px."""
+def feature_programs(models: Models, mesh: jax.sharding.Mesh | None) -> tuple[Any, Any]:
+    """(encode, embed), jitted for frozen weights on `mesh` (None: one device):
+    encode(vae params, images [B, R, R, 3] in [-1, 1]) -> VAE moments (mean, logvar);
+    embed(image encoder params, CLIP pixels) -> image embeddings [B, D_img]."""
     encode = lambda p, x: models.vae.apply({"params": p}, x, method="encode")
     embed = lambda p, x: models.image_encoder.apply({"params": p}, x).image_embeds
     return sharding.jit_on(mesh, encode), sharding.jit_on(mesh, embed)
@@ -237,6 +235,7 @@ def _features(
         backgrounds = np.concatenate([backgrounds, backgrounds[:, :, ::-1]])
         decouple = np.concatenate([decouple, decouple])
 
+    # One image at a time: a single compiled shape, and memory bounded at 512 px.
     size = models.image_encoder.config.image_size
     encode, embed = feature_programs(models, sharding.mesh_of(frozen))
     encode = encode.lower(frozen["vae"], images_lib.to_model(images[:1])).compile()

@@ -248,24 +248,6 @@ def subject_batches(
 # Validation samples
 
 
-def sampler_program(
-    models: build.Models,
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-    null_ids: np.ndarray,
-) -> jax.stages.Wrapped:
-    """The validation sampler, jitted: (frozen, params, prompt_ids [R, P, T], s) -> images
-    [P, R, R, 3] of the P prompts of subject s (trainable weights: slot s of `params`), whole
-    on every device. `null_ids` [1, T]: the empty prompt's token ids."""
-    key = jax.random.key(config.sample.seed)
-
-    def generate(frozen, params, prompt_ids, s):
-        trainable = _take(params, s)
-        return method.generate(models, config, frozen, trainable, prompt_ids[s], null_ids, key)
-
-    return sharding.jit_on(mesh, generate, out_shardings=sharding.replicated(mesh))
-
-
 def make_sampler(
     models: build.Models,
     config: ml_collections.ConfigDict,
@@ -285,9 +267,8 @@ def make_sampler(
     prompts = [method.format_prompts(run.config, config.sample.prompts) for run in runs]
     prompt_ids = np.stack([np.asarray(models.tokenizer(p)) for p in prompts])  # [R, P, T]
     prompt_ids = sharding.put(prompt_ids, replicated)
-    null_ids = np.asarray(models.tokenizer([""]))
     index = lambda s: sharding.put(np.int32(s), replicated)
-    fn = sampler_program(models, config, mesh, null_ids)
+    fn = jit_sampler(models, config, mesh)
     compiled = fn.lower(frozen, params, prompt_ids, index(0)).compile()
 
     def sample(frozen: dict[str, Params], params: dict[str, Params], s: int) -> np.ndarray:
@@ -295,6 +276,26 @@ def make_sampler(
         return metrics.image_grid(images, columns=len(config.sample.prompts))
 
     return sample
+
+
+def jit_sampler(
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    null_ids: np.ndarray | None = None,
+):
+    """(frozen, params, prompt_ids [R, P, T], s) -> images [P, R, R, 3] of subject s (slot s of
+    `params`' subject axis, prompts `prompt_ids[s]`), jitted over `mesh`, the images whole on
+    every device. `null_ids` [1, T]: the empty prompt's ids (default: from the tokenizer)."""
+    if null_ids is None:
+        null_ids = np.asarray(models.tokenizer([""]))
+    key = jax.random.key(config.sample.seed)
+
+    def generate(frozen, params, prompt_ids, s):
+        trainable = _take(params, s)
+        return method.generate(models, config, frozen, trainable, prompt_ids[s], null_ids, key)
+
+    return sharding.jit_on(mesh, generate, out_shardings=sharding.replicated(mesh))
 
 
 def _take(tree: Any, s: jax.Array) -> Any:

@@ -153,6 +153,7 @@ def _kernel_by_reference(q, k, v, ab=None, segment_ids=None, *, causal, sm_scale
     for t, block in ((k.shape[2], block_sizes.block_k), (q.shape[2], block_sizes.block_q)):
         assert t % block == 0 and block % 128 == 0
     assert ab is None or ab.shape == (*q.shape[:3], k.shape[2])
+    assert q.shape[-1] <= 128 or q.shape[-1] % 128 == 0  # the kernel's head-size rule
     return tpu_kernel.mha_reference_no_custom_vjp(
         q, k, v, ab, segment_ids, causal=causal, sm_scale=sm_scale
     )
@@ -169,6 +170,54 @@ def test_tpu_flash_wrapper(monkeypatch, mask_kind, causal):
     want = _out_and_grads("xla", qkv, d_out, mask, causal)
     got = _out_and_grads("tpu_flash", qkv, d_out, mask, causal)
     _assert_close(got, want, TOL)
+
+
+def test_tpu_flash_pads_head_sizes_the_kernel_refuses(monkeypatch):
+    """SD 1.5's head size 160 (above 128, not a multiple of it) goes to the kernel as 256."""
+    monkeypatch.setattr(tpu_kernel, "flash_attention", _kernel_by_reference)
+    keys = jax.random.split(jax.random.key(3), 4)
+    q, k, v, d_out = (jax.random.normal(key, (1, 20, 1, 160)) for key in keys)
+    want = _out_and_grads("xla", (q, k, v), d_out, None, False)
+    _assert_close(_out_and_grads("tpu_flash", (q, k, v), d_out, None, False), want, TOL)
+
+
+@pytest.mark.parametrize("implementation", ["tpu_flash", "cudnn"])
+def test_fused_kernels_under_a_shard_map_of_the_mesh(monkeypatch, implementation):
+    """In a program over 8 devices (subject x data x fsdp = 2 x 2 x 2) a fused kernel runs
+    under a shard_map: subjects through the vmap's spmd_axis_name, the batch of 2 over "data",
+    the heads over "fsdp" (data x fsdp does not divide the batch). The kernels' references stand
+    in for them; the result is the materialised attention's."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from idfuse_jax.models import placement
+
+    monkeypatch.setattr(tpu_kernel, "flash_attention", _kernel_by_reference)
+    monkeypatch.setitem(attention._KERNELS, "cudnn", attention._xla)
+    monkeypatch.setattr(attention, "_cudnn_refusal", lambda *a: None)
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("subject", "data", "fsdp"))
+    shapes = []
+    kernel = attention._KERNELS[implementation]
+    monkeypatch.setitem(
+        attention._KERNELS,
+        implementation,
+        lambda q, *a, **kw: shapes.append(q.shape) or kernel(q, *a, **kw),
+    )
+    keys = jax.random.split(jax.random.key(4), 3)
+    q, k, v = (jax.random.normal(key, (2, B, 45, N, H)) for key in keys)
+
+    def attend(name):
+        f = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation=name)
+        return jax.vmap(f, spmd_axis_name="subject")
+
+    split = NamedSharding(mesh, PartitionSpec("subject", "data"))
+    run = jax.jit(
+        placement.traced_on(attend(implementation), mesh, ("data", "fsdp")),
+        in_shardings=(split,) * 3,
+    )
+    hlo = run.lower(q, k, v).as_text()
+    assert "shard_map" in hlo or "manual" in hlo
+    assert shapes[-1] == (1, 45, 1, H)  # each device's block: one example, one head
+    _assert_close(run(q, k, v), jax.jit(attend("xla"))(q, k, v), TOL)
 
 
 def _small_models(implementation: str):

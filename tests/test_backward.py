@@ -7,13 +7,17 @@ the program's start.
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from parity_utils import rel_err
 
-from idfuse_jax.models import backward
+from idfuse_jax.models import backward, placement
 
 DN = ("NHWC", "HWIO", "NHWC")
 LAYERS = 6
@@ -126,3 +130,25 @@ def test_after_keeps_a_shared_leaf_unbatched_under_vmap():
     np.testing.assert_allclose(jax.grad(f)(w, triggers[0]), expected, rtol=1e-6)
     per_trigger = jax.vmap(jax.grad(f), in_axes=(None, 0))(w, triggers)
     np.testing.assert_allclose(per_trigger, jnp.broadcast_to(expected, (5, *w.shape)), rtol=1e-6)
+
+
+def test_ties_only_in_single_device_cpu_programs():
+    """`after` ties where it was measured to help (one CPU device) and nowhere else."""
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    assert backward.ties_help(placement.Placement("cpu"))
+    assert not backward.ties_help(placement.Placement("cpu", mesh, ("data",)))
+    assert not backward.ties_help(placement.Placement("tpu"))
+    assert not backward.ties_help(placement.Placement("gpu"))
+
+
+def test_conv_backward_over_several_devices_has_no_collective():
+    """The batch split over 8 devices, the kernels whole on each: the backward pass needs no
+    communication. A tie to element [0] of the sharded cotangent made an all-reduce per conv."""
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    x, kernels = _conv_inputs(channels=8, side=4)
+    x = jnp.concatenate([x] * 4)  # a batch of 8, one example per device
+    grad = placement.traced_on(_conv_stack_grad(backward.conv_general_dilated), mesh, ("data",))
+    split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    compiled = jax.jit(grad, in_shardings=(split, whole), out_shardings=split)
+    hlo = compiled.lower(x, kernels).compile().as_text()
+    assert not re.search(r"\s(all-reduce|all-gather|reduce-scatter|collective-permute)", hlo)

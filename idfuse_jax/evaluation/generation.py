@@ -114,20 +114,22 @@ def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sa
     mesh = sharding.make_mesh(-1, 1)
     models, frozen = build.build_models(config)
     frozen = replicate(frozen, mesh)
-    fn = sampler_program(models, config, mesh, np.asarray(models.tokenizer([""])))
+    fn = jit_generation(models, config, mesh)
     return Sampler(models, frozen, fn, mesh, per_device_batch * mesh.size)
 
 
-def sampler_program(
+def jit_generation(
     models: build.Models,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
-    null_ids: np.ndarray,
-) -> jax.stages.Wrapped:
-    """The batch sampler, jitted: (frozen, trainable, ids [B, T], key data [B, ...]) -> images
-    [B, R, R, 3]; weights replicated, the batch split over the mesh. `null_ids` [1, T]: the
-    empty prompt's token ids."""
+    null_ids: np.ndarray | None = None,
+):
+    """(frozen, trainable, token ids [B, T], key data [B, ...]) -> images [B, R, R, 3], jitted
+    with the weights replicated over `mesh` and the batch split over its batch axes.
+    `null_ids` [1, T]: the empty prompt's ids (default: from the tokenizer)."""
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    if null_ids is None:
+        null_ids = np.asarray(models.tokenizer([""]))
 
     def sample(frozen, trainable, ids, key_data):
         keys = jax.random.wrap_key_data(key_data)

@@ -191,8 +191,31 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causa
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool):
+    """cuDNN's fused kernel over [B, T, N, H]. Its backward pass refuses odd lengths (jax 0.10
+    always passes it a bias, and biased training needs even ones: CLIP's 77 tokens), so odd
+    lengths are zero-padded by one: padded query rows are cut off; padded keys are cut off by
+    the key lengths (a causal mask already hides a last key from every real query)."""
     del mask  # resolve() sends masked calls elsewhere
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    (b, tq), tk = q.shape[:2], k.shape[1]
+    q = _pad_even(q)
+    k_padded, v = _pad_even(k), _pad_even(v)
+    lengths = None
+    if k_padded.shape[1] != tk and not causal:
+        lengths = jnp.full((b,), tk, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k_padded,
+        v,
+        is_causal=causal,
+        key_value_seq_lengths=lengths,
+        implementation="cudnn",
+    )
+    return out[:, :tq]
+
+
+def _pad_even(x: jax.Array) -> jax.Array:
+    """[B, T, N, H] zero-padded to an even T."""
+    return jnp.pad(x, [(0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)]) if x.shape[1] % 2 else x
 
 
 def _to_heads_major(x: jax.Array) -> jax.Array:
