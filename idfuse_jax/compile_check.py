@@ -345,9 +345,12 @@ def check(
     eval_batch_size: int = 4,
     memory_bytes: int | None = None,
     log: Callable[[str], None] = print,
+    save: Callable[[dict[str, Any]], None] = lambda report: None,
 ) -> dict[str, Any]:
     """Compile `programs` of the run `config` describes for `target`; the report (a dict for
-    JSON). `memory_bytes` replaces the device's usable memory (a smaller device, or a MIG slice)."""
+    JSON). `memory_bytes` replaces the device's usable memory (a smaller device, or a MIG slice).
+    `save(report)` is called after each program (full-size compiles take minutes each), with
+    report["complete"] False until the last."""
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         raise ConfigError(f"--programs: unknown {unknown}; choose from {', '.join(PROGRAMS)}")
@@ -384,6 +387,7 @@ def check(
         "dtype": config.model.dtype,
         "weights_dtype": config.model.weights_dtype or "float32",
         "jax": jax.__version__,
+        "complete": False,
         "programs": [],
     }
     log(
@@ -410,6 +414,7 @@ def check(
         r = compile_program(program, twin, models, target, len(devices))
         r["fits"] = "error" not in r and r["peak"] <= limit
         report["programs"].append(r)
+        save(report)
         log(
             f"[{i}/{len(todo)}] {program.name}: "
             + (
@@ -421,6 +426,8 @@ def check(
             f"{r['compile_seconds']:.1f} s"
         )
     report["fits"] = all(r["fits"] for r in report["programs"])
+    report["complete"] = True
+    save(report)
     return report
 
 
@@ -463,6 +470,10 @@ def main(argv: list[str]) -> int:
     target = targets.get(f.target)
     memory = None if f.memory_gib is None else int(f.memory_gib * GIB)
     log = lambda line: print(line, flush=True)
+    path = pathlib.Path(f.out) if f.out else None
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda report: path.write_text(json.dumps(report, indent=2) + "\n") if path else None
     report = check(
         f.config,
         target,
@@ -470,14 +481,12 @@ def main(argv: list[str]) -> int:
         eval_batch_size=f.eval_batch_size,
         memory_bytes=memory,
         log=log,
+        save=save,
     )
     log(HEADER)
     for r in report["programs"]:
         log(table_row(r))
-    if f.out:
-        path = pathlib.Path(f.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+    if path:
         log(f"report written to {path}")
     if not report["fits"]:
         raise DoesNotFitError(does_not_fit_message(report))

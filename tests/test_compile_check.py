@@ -47,7 +47,7 @@ def test_tpu_vm_check_compiles_the_run_for_the_slice(tmp_path):
     report = json.loads(out.read_text())
     assert report["target"] == "v5e-4" and report["device"] == "TPU v5 lite"
     assert report["mesh"] == {"subject": 1, "data": 2, "fsdp": 2}
-    assert report["fits"] and report["usable_bytes"] == 16 * 2**30
+    assert report["fits"] and report["complete"] and report["usable_bytes"] == 16 * 2**30
     programs = {r["program"]: r for r in report["programs"]}
     assert list(programs) == ["features: VAE encode", "features: image encoder", "step"]
     step = programs["step"]
