@@ -97,6 +97,11 @@ HEADER = (
 )
 
 
+def described(case: Case) -> str:
+    """'dreambench.py, model.attention=cudnn': the config and its overrides."""
+    return ", ".join([case.config, *(o.removeprefix("--config.") for o in case.overrides)])
+
+
 def row(case: Case, report: dict) -> str:
     programs = {r["program"]: r for r in report["programs"]}
     step = programs["step"]
@@ -104,7 +109,6 @@ def row(case: Case, report: dict) -> str:
     slots = -(-report["subjects"] // mesh["subject"]) * mesh["subject"]
     others = [r for name, r in programs.items() if name != "step"]
     other_peak = max((r.get("peak", 0) for r in others), default=None)
-    flags_ = " ".join(o.removeprefix("--config.") for o in case.overrides)
     collectives = ", ".join(f"{k} {v}" for k, v in step.get("collectives", {}).items() if v)
     if "peak" in step:
         memory = f"{step['arguments'] / GIB:.2f} / {step['temporaries'] / GIB:.2f} / "
@@ -113,7 +117,7 @@ def row(case: Case, report: dict) -> str:
         memory = "compiler: out of memory"
     cells = [
         f"{case.target} ({report['device']})",
-        f"{case.config}{', ' + flags_ if flags_ else ''}",
+        described(case),
         f"{mesh['subject']}x{mesh['data']}x{mesh['fsdp']}",
         str(slots // mesh["subject"]),
         report["weights_dtype"],
@@ -137,11 +141,11 @@ def main(argv: list[str]) -> int:
     if unknown:
         fail(f"--cases: unknown {unknown}; known: {', '.join(known)}")
     folder = pathlib.Path(f.reports)
-    folder.mkdir(parents=True, exist_ok=True)
     for case in (known[name] for name in f.cases):
         targets.get(case.target)
         out = folder / f"{case.name}.json"
         if f.run and not out.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
             print(f"compiling {case.name} ...", flush=True)
             subprocess.run(command(case, out), cwd=REPO, check=False)
     print(HEADER)
@@ -150,7 +154,7 @@ def main(argv: list[str]) -> int:
         if out.is_file():
             print(row(case, json.loads(out.read_text())))
         else:
-            print(f"| {case.target} | {case.config} | not compiled yet | | | | | | | | | |")
+            print(f"| {case.target} | {described(case)} | not compiled yet |" + " |" * 9)
     return 0
 
 
