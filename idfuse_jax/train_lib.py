@@ -280,11 +280,17 @@ def make_sampler(
     return sample
 
 
-def jit_sampler(models: build.Models, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def jit_sampler(
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    null_ids: np.ndarray | None = None,
+):
     """(frozen, params, prompt_ids [R, P, T], s) -> images [P, R, R, 3] of subject s (slot s of
     `params`' subject axis, prompts `prompt_ids[s]`), jitted over `mesh`, the images whole on
-    every device."""
-    null_ids = jnp.asarray(models.tokenizer([""]))
+    every device. `null_ids` [1, T]: the empty prompt's ids (default: from the tokenizer)."""
+    if null_ids is None:
+        null_ids = np.asarray(models.tokenizer([""]))
     key = jax.random.key(config.sample.seed)
 
     def generate(frozen, params, prompt_ids, s):
@@ -471,6 +477,13 @@ def initial_state(
     program that every process runs: a mesh spanning processes takes no host-to-device copies
     from a single process.
     """
+    return init_program(config, models, count, mesh)(frozen)
+
+
+def init_program(
+    config: ml_collections.ConfigDict, models: build.Models, count: int, mesh: jax.sharding.Mesh
+) -> jax.stages.Wrapped:
+    """`initial_state`'s program, jitted: frozen -> (state of `count` subjects, step key)."""
     optimizer = optim.make_optimizer(
         config.optim, optim.learning_rate_schedule(config.optim, config.train.steps)
     )
@@ -483,7 +496,7 @@ def initial_state(
         return stacked, step_key
 
     out_shardings = (sharding.subject_sharding(mesh), sharding.replicated(mesh))
-    return jax.jit(init, out_shardings=out_shardings)(frozen)
+    return jax.jit(init, out_shardings=out_shardings)
 
 
 def _write_configs(
