@@ -19,25 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import topologies
 
-from idfuse_jax import build, config_lib, method, sharding, subject, train_lib
+from idfuse_jax import build, config_lib, method, sharding, subject, targets, train_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-H100_SPEC = pathlib.Path(__file__).parent / "data" / "h100_sxm.txtpb"
 KERNELS = {"tpu": 'custom_call_target="tpu_custom_call"', "gpu": 'custom_call_target="__cudnn$fmha'}
 COLLECTIVE = re.compile(r"\s(all-reduce|all-gather|reduce-scatter)(-start)?\(")
 
 
-@functools.cache
-def target_devices(platform: str) -> tuple[jax.Device, ...]:
-    if platform == "tpu":
-        return tuple(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices)
-    return tuple(
-        topologies.get_topology_desc(
-            platform="cuda", topology_name="", topology="1x1x8", target_config=H100_SPEC.read_text()
-        ).devices
-    )
+TARGETS = {"tpu": "v5e-4", "gpu": "8xh100"}  # `idfuse_jax.targets` names
+
+
+def target_devices(platform: str) -> list[jax.Device]:
+    return targets.devices(TARGETS[platform])
 
 
 @functools.cache
@@ -122,7 +116,8 @@ def compiled_programs(platform: str, mesh_name: str, names: tuple[str, ...]) -> 
         lowered["sampler"] = sampler.lower(
             frozen, state.params, prompt_ids.update(dtype=jnp.int32), whole((), jnp.int32)
         )
-    return {name: lowered[name].compile().as_text() for name in names}
+    options = targets.get(TARGETS[platform]).compiler_options()
+    return {name: lowered[name].compile(options).as_text() for name in names}
 
 
 def collectives(hlo: str) -> set[str]:
