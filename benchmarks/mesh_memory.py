@@ -1,311 +1,162 @@
-"""Per-device memory and FLOPs of the multi-subject training step at SD 2.1-base size, per mesh.
+"""The README's "Mesh shapes and memory per device" table, from the TPU and GPU compilers.
 
-Compiles (never runs) the library's own jitted `train_lib.subjects_step`, laid out exactly as
-`train_lib.train_and_evaluate` lays it out (in/out shardings, donated state), for the paper's
-setup as `configs/dreambench.py` trains it: SD 2.1-base UNet and OpenCLIP ViT-H/14 text encoder
-(the published configs in tests/data/configs, no weights), ViT-H/14 image width 1024 for the
-adapter and FFM, 512 px (64x64 latents), bfloat16 compute, a batch of 1 per subject. Every
-argument is abstract (`jax.ShapeDtypeStruct`), so nothing is allocated; a mesh of N devices is N
-fake CPU devices. Per case it prints XLA's memory analysis of the compiled per-device program
-(arguments, outputs, temporaries, and the peak they add up to with the donated state aliased),
-the FLOPs per device of its cost analysis (which counts a loop's body once), and the model FLOPs
-per device (the step lowered with materialised attention, whose FLOPs the cost analysis counts
-in full; `--nocompile` prints these alone, in seconds).
+Each case is one `python -m idfuse_jax.compile_check` (see that module) of configs/dreambench.py
+or configs/dog.py for a target (v5e-8, v5e-32, v5p-8, 1 and 8 x H100, 8 x A100 40 GB), with the
+SD 2.1-base UNet and text encoder and the ViT-H/14 image encoder built from their published
+configs in tests/data/configs (no weights: every argument is abstract), at 512 px. `--run`
+compiles the cases whose report is not yet in --reports, one at a time, each in its own process
+(a full-size TPU compile takes about 10 minutes and 9 GB of host memory on a 2-core machine);
+without it, the script prints the table of the reports there.
 
-  PYTHONPATH=. python benchmarks/mesh_memory.py --cases 1x1x1:1,1x1x1:2
-  PYTHONPATH=. python benchmarks/mesh_memory.py --cases 8x1x1:32,32x1x1:32,8x1x4:32:4
-  PYTHONPATH=. python benchmarks/mesh_memory.py --nocompile --cases 1x1x1:30   # seconds
+  PYTHONPATH=. python benchmarks/mesh_memory.py --run                 # compile what is missing
+  PYTHONPATH=. python benchmarks/mesh_memory.py --run --cases v5e-32  # one case
+  PYTHONPATH=. python benchmarks/mesh_memory.py                       # the table
 
-A case is SUBJECTxDATAxFSDP:S[:B]: the mesh ("subject", "data", "fsdp"), S subject slots in the
-job (a multiple of the subject axis) and B examples per subject (default 1; data x fsdp must
-divide it). The figures come from XLA's CPU backend: GPU and TPU compilers fuse and assign
-buffers differently, and their flash-attention kernels replace the blockwise attention compiled
-here, so read them as a guide to how memory splits and scales, not as a promise for a device.
-Run from the repository root with PYTHONPATH=. (or `pip install -e .`) to compile this
-checkout's idfuse_jax.
+Compiled for the target, not run: what the compilers cannot see without a device (GPU
+autotuning, cuDNN's workspace, the runtime's reservations) is not in these figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import subprocess
 import sys
-import time
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 
-from idfuse_jax import (
-    build,
-    config_lib,
-    diffusion,
-    formats,
-    method,
-    sharding,
-    train_lib,
-    weights,
-)
-from idfuse_jax.cli import fail, parse_flags, run_or_fail
-from idfuse_jax.errors import ConfigError
-from idfuse_jax.models import clip, conditioning, unet, vae
+from idfuse_jax import targets
+from idfuse_jax.cli import fail, parse_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "data" / "configs"
-SD21 = CONFIGS / "stabilityai" / "stable-diffusion-2-1-base"
-VIT_H = CONFIGS / "laion" / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+WEIGHTS = (
+    f"--config.model.pretrained={CONFIGS / 'stabilityai' / 'stable-diffusion-2-1-base'}",
+    f"--config.model.image_encoder={CONFIGS / 'laion' / 'CLIP-ViT-H-14-laion2B-s32B-b79K'}",
+)
 GIB = 2**30
-# DreamBench's largest subject has 6 photos: 12 training images with flips (stack_subjects pads
-# every subject to the largest).
-IMAGES_PER_SUBJECT = 12
-
-flags.DEFINE_list(
-    "cases",
-    ["1x1x1:1", "1x1x1:2", "8x1x1:32", "32x1x1:32", "8x1x4:32:4"],
-    "Meshes to compile, each SUBJECTxDATAxFSDP:S[:B] (S subject slots, B examples per subject).",
-)
-flags.DEFINE_list(
-    "weights_dtypes", ["float32", "bfloat16"], "model.weights_dtype of the frozen UNet and CLIP."
-)
-flags.DEFINE_enum("dtype", "bfloat16", list(build.DTYPES), "model.dtype: the compute dtype.")
-flags.DEFINE_string("attention", "auto", "model.attention ('auto': blockwise on CPU).")
-flags.DEFINE_bool("remat", False, "model.remat: rematerialise the UNet blocks.")
-flags.DEFINE_integer("resolution", 512, "Training resolution in pixels (latents: / 8).")
-flags.DEFINE_integer("images", IMAGES_PER_SUBJECT, "Training images per subject (with flips).")
-flags.DEFINE_bool(
-    "compile", True, "Compile each step (memory); --nocompile prints the model FLOPs alone."
-)
-flags.DEFINE_list(
-    "lora",
-    ["unet", "text"],
-    "Models with LoRA (the default targets); leave one out to measure what its merged copies "
-    "cost per subject.",
-)
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One compile: mesh sizes, subject slots, examples per subject."""
+    """One row: `config` compiled for `target` with `overrides`; `programs` as compile_check's."""
 
-    subject: int
-    data: int
-    fsdp: int
-    slots: int
-    batch: int = 1
-
-    @property
-    def devices(self) -> int:
-        return self.subject * self.data * self.fsdp
-
-    @property
-    def mesh(self) -> str:
-        return f"{self.subject}x{self.data}x{self.fsdp}"
-
-    @classmethod
-    def parse(cls, text: str) -> Case:
-        """'8x1x4:32:4' -> Case(8, 1, 4, 32, 4); a malformed or inconsistent case is an error."""
-        try:
-            mesh, *rest = text.split(":")
-            subject, data, fsdp = (int(n) for n in mesh.split("x"))
-            case = cls(subject, data, fsdp, *(int(n) for n in rest))
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"--cases entry {text!r}: expected SUBJECTxDATAxFSDP:S[:B], e.g. 8x1x4:32:4"
-            ) from None
-        sizes = (case.subject, case.data, case.fsdp, case.slots, case.batch)
-        if min(sizes) < 1 or case.slots % case.subject or case.batch % (case.data * case.fsdp):
-            raise ConfigError(
-                f"--cases entry {text!r}: sizes must be positive, S a multiple of the subject "
-                "axis and B of data x fsdp"
-            )
-        return case
+    name: str
+    config: str
+    target: str
+    overrides: tuple[str, ...] = ()
+    programs: str = "step"
 
 
-def sd21_config(weights_dtype: str) -> Any:
-    """configs/dreambench.py (the SD 2.1-base setup of dog.py, a subject axis) as flagged."""
-    config = config_lib.sibling_module(str(REPO / "configs" / "dreambench.py"), "dreambench")
-    config = config.get_config()
-    config.model.dtype = flags.FLAGS.dtype
-    config.model.weights_dtype = "" if weights_dtype == "float32" else weights_dtype
-    config.model.attention = flags.FLAGS.attention
-    config.model.remat = flags.FLAGS.remat
-    config.data.resolution = flags.FLAGS.resolution
-    if "unet" not in flags.FLAGS.lora:
-        config.method.unet_lora_targets = ""
-    if "text" not in flags.FLAGS.lora:
-        config.method.text_lora_targets = ""
-    return config
+BF16 = "--config.model.weights_dtype=bfloat16"
+# In the order they are worth compiling: the issue's criteria first.
+CASES = [
+    Case("v5e-32", "dreambench.py", "v5e-32", programs="features,init,step,sampler,evaluation"),
+    Case(
+        "8xh100-cudnn",
+        "dreambench.py",
+        "8xh100",
+        ("--config.model.attention=cudnn",),
+        "features,init,step,sampler,evaluation",
+    ),
+    Case("1xh100-dog", "dog.py", "1xh100"),
+    Case("8xa100-40", "dreambench.py", "8xa100-40"),
+    Case("v5e-8-bf16", "dreambench.py", "v5e-8", (BF16,)),
+    Case("v5p-8", "dreambench.py", "v5p-8"),
+    Case("8xh100-dog", "dog.py", "8xh100", ("--config.train.batch_size=8",)),
+    Case("v5e-8-dog", "dog.py", "v5e-8", ("--config.train.batch_size=8",)),
+]
+
+flags.DEFINE_string(
+    "reports", str(REPO / "benchmarks" / "compiled"), "Folder of compile_check JSON reports."
+)
+flags.DEFINE_bool("run", False, "Compile the cases whose report is missing, one at a time.")
+flags.DEFINE_list("cases", [c.name for c in CASES], "Which cases (names) to compile or show.")
 
 
-def sd21_models(config: Any) -> tuple[build.Models, dict[str, Any]]:
-    """(Models, abstract frozen params {"unet", "vae", "text"}) of SD 2.1-base with the ViT-H/14
-    image width, from the published configs; frozen leaves are ShapeDtypeStructs in their
-    storage dtype (the VAE float32), as `build.pretrained_models` would load them."""
-    dtype, attention = build.DTYPES[config.model.dtype], config.model.attention
-    unet_model = unet.UNet2DConditionModel(
-        unet.UNetConfig.from_diffusers(formats.read_config(SD21 / "unet")),
-        dtype=dtype,
-        remat=config.model.remat,
-        attention=attention,
-    )
-    vae_model = vae.AutoencoderKL(
-        vae.VAEConfig.from_diffusers(formats.read_config(SD21 / "vae")), attention=attention
-    )
-    text_config = clip.CLIPTextConfig.from_transformers(
-        formats.read_config(SD21 / "text_encoder"), with_projection=False
-    )
-    text_model = clip.CLIPTextTransformer(text_config, dtype=dtype, attention=attention)
-    image_config = clip.CLIPVisionConfig.from_transformers(
-        formats.read_config(VIT_H), with_projection=True
-    )
-    # The image tower's own work (subject features) happens before the step; the step sees
-    # only its projection width.
-    image_model = clip.CLIPVisionTransformer(image_config, dtype=dtype, attention=attention)
-    m = config.method
-    idfuse = conditioning.IdFuse(
-        image_width=image_config.projection_dim,
-        text_width=text_config.hidden_size,
-        num_experts=m.num_experts,
-        expert_hidden_mult=m.expert_hidden_mult,
-        adapter_hidden_mult=m.adapter_hidden_mult,
-    )
-    models = build.Models(
-        unet=unet_model,
-        vae=vae_model,
-        text_encoder=text_model,
-        image_encoder=image_model,
-        idfuse=idfuse,
-        tokenizer=None,
-        schedule=diffusion.load_schedule(SD21),
-    )
-    store = build.WEIGHTS_DTYPES[config.model.weights_dtype]
-    cast = lambda tree, dt: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), tree)
-    frozen = {
-        "unet": cast(weights.abstract_params(unet_model), store),
-        "vae": cast(weights.abstract_params(vae_model), jnp.float32),
-        "text": cast(weights.abstract_params(text_model), store),
-    }
-    return models, frozen
-
-
-def abstract_subjects(models: build.Models, slots: int, images: int, side: int) -> Any:
-    """`method.stack_subjects`' output for `slots` subjects of `images` images, as shapes."""
-    s = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt)
-    latent = (slots, images, side, side, models.unet.config.in_channels)
-    width = models.idfuse.image_width
-    tokens = models.text_encoder.config.max_position_embeddings
-    return method.SubjectFeatures(
-        latent_mean=s(latent),
-        latent_logvar=s(latent),
-        image_embeds=s((slots, images, width)),
-        background_embeds=s((slots, images, width)),
-        prompt_ids=s((slots, 1, tokens), jnp.int32),
-        num_items=images,
-        decouple=s((slots, images)),
-    )
-
-
-def _flops(cost: Any) -> float:
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("flops", 0.0)) if cost else float("nan")
-
-
-def compile_case(case: Case, weights_dtype: str, compile_step: bool) -> dict[str, float]:
-    """The job's step for `case`: its model TFLOP per device and, when `compile_step`, its
-    per-device memory (GiB), the compiled program's TFLOP per device and compile seconds."""
-    config = sd21_config(weights_dtype)
-    config.mesh.subject, config.mesh.data, config.mesh.fsdp = case.subject, case.data, case.fsdp
-    config.train.batch_size = case.batch
-    mesh = sharding.make_mesh(
-        case.data, case.fsdp, jax.devices()[: case.devices], subject=case.subject
-    )
-    sharding.check_batch_size(case.batch, mesh)
-    models, frozen = sd21_models(config)
-    state, key = jax.eval_shape(
-        lambda f: train_lib.initial_state(config, models, f, case.slots, mesh), frozen
-    )
-    side = config.data.resolution // models.latent_downsample
-    subjects = abstract_subjects(models, case.slots, flags.FLAGS.images, side)
-    indices = jax.ShapeDtypeStruct((case.slots, case.batch), jnp.int32)
-    num_steps = jax.ShapeDtypeStruct((case.slots,), jnp.int32)
-    args = (state, frozen, subjects, indices, key, num_steps)
-    jitted = lambda models: train_lib.jit_subjects_step(
-        models, config, mesh, sharding.fsdp_shardings(frozen, mesh)
-    )
-    # Model FLOPs: the whole job's step before partitioning, with materialised attention,
-    # split evenly over the devices (train_lib.model_flops, as the training log reports them).
-    result = {
-        "frozen": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(frozen)) / GIB,
-        "model_tflop": train_lib.model_flops(jitted, models, args) / case.devices / 1e12,
-    }
-    if not compile_step:
-        return result
-    start = time.perf_counter()
-    compiled = jitted(models).lower(*args).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    arguments, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
-    alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
-    return result | {
-        "args": arguments / GIB,
-        "outputs": out / GIB,
-        "temps": temp / GIB,
-        "peak": (arguments + out - alias + temp) / GIB,
-        "tflop": _flops(compiled.cost_analysis()) / 1e12,
-        "seconds": seconds,
-    }
+def command(case: Case, out: pathlib.Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "idfuse_jax.compile_check",
+        f"--config={REPO / 'configs' / case.config}",
+        f"--target={case.target}",
+        *WEIGHTS,
+        *case.overrides,
+        f"--programs={case.programs}",
+        f"--out={out}",
+    ]
 
 
 HEADER = (
-    "| mesh (subject x data x fsdp) | devices | S | S per device | B | frozen weights | "
-    "arguments GiB | outputs GiB | temporaries GiB | peak GiB | model TFLOP per device | "
-    "compiled TFLOP per device | compile s |\n"
-    "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    "| target | config, flags | mesh (subject x data x fsdp) | subjects per device | frozen "
+    "weights | step: arguments / temporaries / peak GiB | of GiB | fits | model TFLOP per "
+    "device | other programs' peak GiB | collectives in the step | compile s |\n"
+    "|---|---|---|---:|---|---|---:|---|---:|---:|---|---:|"
 )
 
 
-def row(case: Case, weights_dtype: str, r: dict[str, float]) -> str:
+def described(case: Case) -> str:
+    """'dreambench.py, model.attention=cudnn': the config and its overrides."""
+    return ", ".join([case.config, *(o.removeprefix("--config.") for o in case.overrides)])
+
+
+def row(case: Case, report: dict) -> str:
+    programs = {r["program"]: r for r in report["programs"]}
+    step = programs["step"]
+    mesh = report["mesh"]
+    slots = -(-report["subjects"] // mesh["subject"]) * mesh["subject"]
+    others = [r for name, r in programs.items() if name != "step"]
+    other_peak = max((r.get("peak", 0) for r in others), default=None)
+    collectives = ", ".join(f"{k} {v}" for k, v in step.get("collectives", {}).items() if v)
+    if "peak" in step:
+        memory = f"{step['arguments'] / GIB:.2f} / {step['temporaries'] / GIB:.2f} / "
+        memory += f"{step['peak'] / GIB:.2f}"
+    else:
+        memory = "compiler: out of memory"
     cells = [
-        case.mesh,
-        case.devices,
-        case.slots,
-        case.slots // case.subject,
-        case.batch,
-        f"{weights_dtype} ({r['frozen']:.2f} GiB)",
-        *(f"{r[k]:.2f}" if k in r else "-" for k in ("args", "outputs", "temps", "peak")),
-        f"{r['model_tflop']:.2f}",
-        f"{r['tflop']:.2f}" if "tflop" in r else "-",
-        f"{r['seconds']:.0f}" if "seconds" in r else "-",
+        f"{case.target} ({report['device']})",
+        described(case),
+        f"{mesh['subject']}x{mesh['data']}x{mesh['fsdp']}",
+        str(slots // mesh["subject"]),
+        report["weights_dtype"],
+        memory,
+        f"{report['usable_bytes'] / GIB:.1f}",
+        "yes" if step["fits"] else "**no**",
+        f"{step['model_flops_per_device'] / 1e12:.2f}",
+        "-" if other_peak is None else f"{other_peak / GIB:.2f}",
+        collectives or "none",
+        f"{step['compile_seconds']:.0f}",
     ]
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; see --help")
-    cases = [Case.parse(text) for text in flags.FLAGS.cases]
-    if set(flags.FLAGS.lora) - {"unet", "text"}:
-        fail(f"--lora {flags.FLAGS.lora}: expected a list of unet, text (or nothing)")
-    for dt in flags.FLAGS.weights_dtypes:
-        if dt not in build.WEIGHTS_DTYPES or not dt:
-            fail(f"--weights_dtypes entry {dt!r}: expected float32 or bfloat16")
-    # Fake CPU devices for the largest mesh; must be set before JAX starts its CPU backend.
-    jax.config.update("jax_num_cpu_devices", max(c.devices for c in cases))
     f = flags.FLAGS
-    print(
-        f"SD 2.1-base + ViT-H/14 width, {f.resolution} px, compute {f.dtype}, attention "
-        f"{f.attention}, remat {f.remat}, LoRA on {','.join(f.lora) or 'nothing'}, {f.images} "
-        f"images per subject; jax {jax.__version__}, "
-        f"{jax.device_count()} fake {jax.devices()[0].platform} devices",
-        flush=True,
-    )
-    print(HEADER, flush=True)
-    for case in cases:
-        for dt in f.weights_dtypes:
-            print(row(case, dt, compile_case(case, dt, f.compile)), flush=True)
+    known = {c.name: c for c in CASES}
+    unknown = [name for name in f.cases if name not in known]
+    if unknown:
+        fail(f"--cases: unknown {unknown}; known: {', '.join(known)}")
+    folder = pathlib.Path(f.reports)
+    for case in (known[name] for name in f.cases):
+        targets.get(case.target)
+        out = folder / f"{case.name}.json"
+        if f.run and not out.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"compiling {case.name} ...", flush=True)
+            subprocess.run(command(case, out), cwd=REPO, check=False)
+    print(HEADER)
+    for case in (known[name] for name in f.cases):
+        out = folder / f"{case.name}.json"
+        if out.is_file():
+            print(row(case, json.loads(out.read_text())))
+        else:
+            print(f"| {case.target} | {described(case)} | not compiled yet |" + " |" * 9)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(lambda argv: run_or_fail(main, argv), flags_parser=parse_flags))
+    sys.exit(app.run(main, flags_parser=parse_flags))

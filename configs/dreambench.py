@@ -14,12 +14,14 @@ device; 30 subjects on 8 GPUs are padded to 32 slots, 2 of which never train). L
 live subject stops updating, and is exported, at its step 1000. `--config.data.subjects=dog,cat2`
 trains some of them.
 
-Memory per device grows by about 4.7 GiB per subject on it (README "Mesh shapes and memory per
-device", from the compiled step's memory analysis): as it is, the job fits 8 GPUs (4 slots each,
-about 25 GiB) or a v5e-32 slice (one subject per chip, 10.7 GiB with
---config.model.weights_dtype=bfloat16). All 30 on one GPU need about 148 GiB: there, train parts
-of the benchmark with --config.data.subjects=NAME,... (about 15 subjects on an H200, 2 on 24 GB),
-each with its own --workdir.
+Memory per device grows with the subjects on it (each holds its own state and LoRA-merged
+kernels). Before paying for a slice, compile the run for it here:
+  python -m idfuse_jax.compile_check --config configs/dreambench.py --target v5e-32 \
+      --config.model.pretrained=weights/sd21-base \
+      --config.model.image_encoder=weights/clip-vit-h-14
+(any target of idfuse_jax/targets.py: 8xh100, v5e-8, ...; README "Mesh shapes and memory per
+device"). On one GPU, train parts of the benchmark with --config.data.subjects=NAME,..., each
+with its own --workdir.
 
 What to expect: runs/dreambench/subjects/NAME/ holds what a single-subject workdir holds
 (config.json of the subject as if trained alone, metrics.jsonl, TensorBoard, samples/step_N.png,

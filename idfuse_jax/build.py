@@ -223,6 +223,58 @@ def idfuse_module(
     )
 
 
+def abstract_models(config: ml_collections.ConfigDict) -> tuple[Models, dict[str, Any]]:
+    """(Models, frozen params {"unet", "vae", "text", "image"} as jax.ShapeDtypeStructs in their
+    storage dtype), as `build_models` would build and load them, from config files alone.
+
+    Nothing is allocated and no weights are read: a pretrained config needs only the
+    config.json files and scheduler/ of its folders. The tokenizer is None (what compiles takes
+    token ids). For compiling a run's programs ahead of time (`idfuse_jax.compile_check`).
+    """
+    if config.model.pretrained:
+        dtype, remat, attention = (
+            DTYPES[config.model.dtype],
+            config.model.remat,
+            config.model.attention,
+        )
+        sd = _existing_folder(
+            config.model.pretrained,
+            "model.pretrained",
+            "a diffusers Stable Diffusion pipeline folder",
+        )
+        image_dir = _existing_folder(
+            config.model.image_encoder, "model.image_encoder", "a transformers CLIP vision folder"
+        )
+        models = _assemble(
+            config,
+            weights.unet_module(sd, dtype=dtype, remat=remat, attention=attention),
+            weights.vae_module(sd, attention=attention),
+            # SD 1.x/2.x text encoders have no projection; image encoders for IEDM must have one.
+            weights.clip_module(sd, "text", False, dtype=dtype, remat=remat, attention=attention),
+            weights.clip_module(
+                image_dir, "vision", True, dtype=dtype, remat=remat, attention=attention
+            ),
+            None,
+            diffusion.load_schedule(sd),
+        )
+    else:
+        models = random_modules(config)
+    store = WEIGHTS_DTYPES[config.model.weights_dtype]
+    modules = {
+        "unet": models.unet,
+        "vae": models.vae,
+        "text": models.text_encoder,
+        "image": models.image_encoder,
+    }
+    frozen = {}
+    for name, module in modules.items():
+        dt = jnp.float32 if name == "vae" else store
+        frozen[name] = jax.tree.map(
+            lambda x, dt=dt: jax.ShapeDtypeStruct(x.shape, dt), weights.abstract_params(module)
+        )
+    return models, frozen
+
+
 def _assemble(config, unet_model, vae_model, text_model, image_model, tokenizer, schedule):
     text_width = text_model.config.hidden_size
     if unet_model.config.cross_attention_dim != text_width:

@@ -82,7 +82,7 @@ def _single_config(
     return single
 
 
-def _parse_subjects(value: str) -> list[tuple[str, str | None]]:
+def parse_subjects(value: str) -> list[tuple[str, str | None]]:
     """'dog,cat2:cat' -> [('dog', None), ('cat2', 'cat')]."""
     entries = []
     for entry in value.split(","):
@@ -120,7 +120,7 @@ def subject_runs(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> 
             )
         entries = [(name, None) for name in dreambench.read_benchmark(d.instance_dir).subjects]
     else:
-        entries = _parse_subjects(d.subjects)
+        entries = parse_subjects(d.subjects)
     classes = dict(entries)
     unknown = [name for name, class_name in entries if class_name is None]
     if unknown and synthetic_root:

@@ -197,11 +197,13 @@ def jit_subjects_step(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     frozen_shardings: Any,
+    gather_metrics: bool = True,
 ):
     """`subjects_step` jitted as training runs it: the state, features and step lengths split
     over "subject", each subject's batch over the batch axes, frozen weights as placed, the key
     replicated; the state donated. Metrics come back whole on every process (each host reads
-    every subject's, a few scalars each)."""
+    every subject's, a few scalars each: the step's only collective on a subject-only mesh),
+    or with `gather_metrics=False` split over "subject" like the state."""
     per_subject, replicated = sharding.subject_sharding(mesh), sharding.replicated(mesh)
     step = functools.partial(subjects_step, models=models, config=config, spmd_axis_name="subject")
     return sharding.jit_on(
@@ -216,7 +218,7 @@ def jit_subjects_step(
             replicated,
             per_subject,
         ),
-        out_shardings=(per_subject, replicated),
+        out_shardings=(per_subject, replicated if gather_metrics else per_subject),
         donate_argnums=(0,),
     )
 
@@ -279,11 +281,17 @@ def make_sampler(
     return sample
 
 
-def jit_sampler(models: build.Models, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def jit_sampler(
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    null_ids: np.ndarray | None = None,
+):
     """(frozen, params, prompt_ids [R, P, T], s) -> images [P, R, R, 3] of subject s (slot s of
     `params`' subject axis, prompts `prompt_ids[s]`), jitted over `mesh`, the images whole on
-    every device."""
-    null_ids = jnp.asarray(models.tokenizer([""]))
+    every device. `null_ids` [1, T]: the empty prompt's ids (default: from the tokenizer)."""
+    if null_ids is None:
+        null_ids = np.asarray(models.tokenizer([""]))
     key = jax.random.key(config.sample.seed)
 
     def generate(frozen, params, prompt_ids, s):
@@ -471,6 +479,13 @@ def initial_state(
     program that every process runs: a mesh spanning processes takes no host-to-device copies
     from a single process.
     """
+    return init_program(config, models, count, mesh)(frozen)
+
+
+def init_program(
+    config: ml_collections.ConfigDict, models: build.Models, count: int, mesh: jax.sharding.Mesh
+) -> jax.stages.Wrapped:
+    """`initial_state`'s program, jitted: frozen -> (state of `count` subjects, step key)."""
     optimizer = optim.make_optimizer(
         config.optim, optim.learning_rate_schedule(config.optim, config.train.steps)
     )
@@ -483,7 +498,7 @@ def initial_state(
         return stacked, step_key
 
     out_shardings = (sharding.subject_sharding(mesh), sharding.replicated(mesh))
-    return jax.jit(init, out_shardings=out_shardings)(frozen)
+    return jax.jit(init, out_shardings=out_shardings)
 
 
 def _write_configs(

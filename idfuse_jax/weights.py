@@ -198,24 +198,47 @@ _CLIP_TEXT_SIDE = (r"text_model\..*", r"text_projection\..*")
 _CLIP_VISION_SIDE = (r"vision_model\..*", r"visual_projection\..*")
 
 
+_CLIP_COMPONENTS = {"text": "text_encoder", "vision": "image_encoder"}
+
+
+def clip_module(
+    folder: PathLike,
+    side: str,
+    with_projection: bool,
+    *,
+    dtype: Any = np.float32,
+    remat: bool = False,
+    attention: str = "auto",
+) -> Any:
+    """The CLIP tower ("text" or "vision") a transformers folder's config.json describes (or a
+    diffusers pipeline folder's text_encoder/, image_encoder/), without its weights."""
+    from idfuse_jax.models import clip
+
+    config_cls, module_cls = {
+        "text": (clip.CLIPTextConfig, clip.CLIPTextTransformer),
+        "vision": (clip.CLIPVisionConfig, clip.CLIPVisionTransformer),
+    }[side]
+    folder = component_dir(folder, _CLIP_COMPONENTS[side])
+    config = config_cls.from_transformers(
+        read_config(folder), with_projection=with_projection, where=str(folder)
+    )
+    return module_cls(config, dtype=dtype, remat=remat, attention=attention)
+
+
 def _load_clip_tower(
     folder: PathLike, side: str, dtype: Any, remat: bool, options: LoadOptions, attention: str
 ) -> tuple[Any, dict[str, Any]]:
     """One CLIP tower ("text" or "vision"), the other tower's tensors ignored."""
-    from idfuse_jax.models import clip
-
-    component, config_cls, module_cls, projection, prefix, other = {
-        "text": ("text_encoder", clip.CLIPTextConfig, clip.CLIPTextTransformer,
-                 "text_projection", "text_model.", _CLIP_VISION_SIDE),
-        "vision": ("image_encoder", clip.CLIPVisionConfig, clip.CLIPVisionTransformer,
-                   "visual_projection", "vision_model.", _CLIP_TEXT_SIDE),
-    }[side]  # fmt: skip
-    folder = component_dir(folder, component)
+    projection, prefix, other = {
+        "text": ("text_projection", "text_model.", _CLIP_VISION_SIDE),
+        "vision": ("visual_projection", "vision_model.", _CLIP_TEXT_SIDE),
+    }[side]
+    folder = component_dir(folder, _CLIP_COMPONENTS[side])
     tensors = read_safetensors(folder, TRANSFORMERS_WEIGHTS, options.variant, lazy=options.lazy)
-    config = config_cls.from_transformers(
-        read_config(folder), with_projection=f"{projection}.weight" in tensors, where=str(folder)
+    with_projection = f"{projection}.weight" in tensors
+    module = clip_module(
+        folder, side, with_projection, dtype=dtype, remat=remat, attention=attention
     )
-    module = module_cls(config, dtype=dtype, remat=remat, attention=attention)
     params = convert_state_dict(
         tensors,
         abstract_params(module),
@@ -305,6 +328,26 @@ def _rename_legacy_vae_attention(key: str) -> str:
     return f"{m[1]}.{_LEGACY_VAE_ATTENTION[m[2]]}.{m[3]}" if m else key
 
 
+def unet_module(
+    folder: PathLike, *, dtype: Any = np.float32, remat: bool = False, attention: str = "auto"
+) -> Any:
+    """The UNet a diffusers UNet folder's config.json describes (or a pipeline folder's unet/)."""
+    from idfuse_jax.models import unet as unet_lib  # models import this module
+
+    folder = component_dir(folder, "unet")
+    config = unet_lib.UNetConfig.from_diffusers(read_config(folder), where=str(folder))
+    return unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat, attention=attention)
+
+
+def vae_module(folder: PathLike, *, dtype: Any = np.float32, attention: str = "auto") -> Any:
+    """The AutoencoderKL a diffusers VAE folder's config.json describes (or a pipeline's vae/)."""
+    from idfuse_jax.models import vae as vae_lib  # models import this module
+
+    folder = component_dir(folder, "vae")
+    config = vae_lib.VAEConfig.from_diffusers(read_config(folder), where=str(folder))
+    return vae_lib.AutoencoderKL(config, dtype=dtype, attention=attention)
+
+
 def load_unet(
     folder: PathLike,
     *,
@@ -317,11 +360,8 @@ def load_unet(
 
     The params are host (numpy) arrays, so the caller chooses their device placement/sharding.
     """
-    from idfuse_jax.models import unet as unet_lib  # models import this module
-
     folder = component_dir(folder, "unet")
-    config = unet_lib.UNetConfig.from_diffusers(read_config(folder), where=str(folder))
-    model = unet_lib.UNet2DConditionModel(config, dtype=dtype, remat=remat, attention=attention)
+    model = unet_module(folder, dtype=dtype, remat=remat, attention=attention)
     tensors = read_safetensors(folder, DIFFUSERS_WEIGHTS, options.variant, lazy=options.lazy)
     params = convert_state_dict(
         tensors, abstract_params(model), where=str(folder), dtype=options.param_dtype
@@ -337,11 +377,8 @@ def load_vae(
     attention: str = "auto",
 ) -> tuple[Any, Any]:
     """A diffusers AutoencoderKL folder (or pipeline folder) -> (model, float32 params)."""
-    from idfuse_jax.models import vae as vae_lib  # models import this module
-
     folder = component_dir(folder, "vae")
-    config = vae_lib.VAEConfig.from_diffusers(read_config(folder), where=str(folder))
-    model = vae_lib.AutoencoderKL(config, dtype=dtype, attention=attention)
+    model = vae_module(folder, dtype=dtype, attention=attention)
     params = convert_state_dict(
         read_safetensors(folder, DIFFUSERS_WEIGHTS, options.variant, lazy=options.lazy),
         abstract_params(model),

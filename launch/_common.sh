@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared by the launchers (sourced, not run): --dry-run handling and the training command.
-# shellcheck disable=SC2034  # DRY_RUN, SHIFT and TRAIN are read by the launchers
+# shellcheck disable=SC2034  # DRY_RUN, SHIFT, TRAIN and CHECK are read by the launchers
 
 # DRY_RUN=1 when the first argument is --dry-run; the caller then drops it with `shift "$SHIFT"`.
 DRY_RUN=0
@@ -14,6 +14,21 @@ fi
 # refuses them before it), so multihost=true goes last; it also wins over a user's own value.
 train_command() {
   TRAIN=("${PYTHON:-python3}" -m idfuse_jax.train "$@" --config.multihost=true)
+}
+
+# The compile check of the same run for TARGET, here: the training flags without --workdir.
+check_command() {
+  local target=$1
+  shift
+  CHECK=("${PYTHON:-python3}" -m idfuse_jax.compile_check --target "$target")
+  while (($#)); do
+    case $1 in
+      --workdir) shift ;;
+      --workdir=*) ;;
+      *) CHECK+=("$1") ;;
+    esac
+    shift
+  done
 }
 
 # One word as the shell reads it back: as is when plain, else in single quotes.

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice (v4, v5e, v5p, v6e; one host or many).
 #
-#   launch/tpu_vm.sh [--dry-run] [--skip-install] TPU_NAME ZONE --config configs/dog.py \
-#       --workdir gs://bucket/runs/dog --config.train.batch_size=32 --config.mesh.fsdp=4
+#   launch/tpu_vm.sh [--dry-run] [--skip-install] [--check TARGET] TPU_NAME ZONE \
+#       --config configs/dog.py --workdir gs://bucket/runs/dog --config.train.batch_size=32
 #
+# 0. with --check TARGET (v5e-32, v5p-8, ...: idfuse_jax.targets), first compiles every program
+#    of the run for that slice here (python -m idfuse_jax.compile_check, with the same flags) and
+#    stops unless all compile and fit; it needs this machine's `pip install -e '.[accel]'`,
 # 1. packs this checkout's tracked files as they are on disk (uncommitted changes included;
 #    untracked files are not: `git add` them) and copies them to every worker,
 # 2. installs them with JAX's TPU build on every worker (skipped with --skip-install),
@@ -17,16 +20,26 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 shift "$SHIFT"
 install=1
-if [[ ${1:-} == --skip-install ]]; then
-  install=0
-  shift
-fi
+target=""
+while [[ ${1:-} == --skip-install || ${1:-} == --check ]]; do
+  if [[ $1 == --skip-install ]]; then
+    install=0
+    shift
+  else
+    target=${2:?--check needs a target, e.g. --check v5e-32}
+    shift 2
+  fi
+done
 if (($# < 2)); then
-  echo "usage: $0 [--dry-run] [--skip-install] TPU_NAME ZONE --config FILE --workdir DIR [--config.a.b=v ...]" >&2
+  echo "usage: $0 [--dry-run] [--skip-install] [--check TARGET] TPU_NAME ZONE --config FILE --workdir DIR [--config.a.b=v ...]" >&2
   exit 2
 fi
 tpu=$1 zone=$2
 shift 2
+if [[ -n $target ]]; then
+  check_command "$target" "$@"
+  run "${CHECK[@]}"
+fi
 remote=${REMOTE_DIR:-idfuse_jax}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 archive=${TMPDIR:-/tmp}/idfuse_jax_code.tar.gz

@@ -19,25 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import topologies
 
-from idfuse_jax import build, config_lib, method, sharding, subject, train_lib
+from idfuse_jax import build, config_lib, method, sharding, subject, targets, train_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-H100_SPEC = pathlib.Path(__file__).parent / "data" / "h100_sxm.txtpb"
 KERNELS = {"tpu": 'custom_call_target="tpu_custom_call"', "gpu": 'custom_call_target="__cudnn$fmha'}
 COLLECTIVE = re.compile(r"\s(all-reduce|all-gather|reduce-scatter)(-start)?\(")
 
 
-@functools.cache
-def target_devices(platform: str) -> tuple[jax.Device, ...]:
-    if platform == "tpu":
-        return tuple(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices)
-    return tuple(
-        topologies.get_topology_desc(
-            platform="cuda", topology_name="", topology="1x1x8", target_config=H100_SPEC.read_text()
-        ).devices
-    )
+TARGETS = {"tpu": "v5e-4", "gpu": "8xh100"}  # `idfuse_jax.targets` names
+
+
+def target_devices(platform: str) -> list[jax.Device]:
+    return targets.devices(TARGETS[platform])
 
 
 @functools.cache
@@ -105,8 +99,14 @@ def compiled_programs(platform: str, mesh_name: str, names: tuple[str, ...]) -> 
         (count, config.train.batch_size), jnp.int32, sharding=sharding.subject_batch_sharding(mesh)
     )
     num_steps = jax.ShapeDtypeStruct((count,), jnp.int32, sharding=per_subject)
+    # On the subject-only mesh, the metrics stay with their subjects: gathering them (a few
+    # scalars per subject, which the loop asks for) is then the only communication.
     step = train_lib.jit_subjects_step(
-        models, config, mesh, jax.tree.map(lambda x: x.sharding, frozen)
+        models,
+        config,
+        mesh,
+        jax.tree.map(lambda x: x.sharding, frozen),
+        gather_metrics=mesh_name != "subject",
     )
     if "step" in names:
         lowered["step"] = step.lower(state, frozen, features, indices, key, num_steps)
@@ -116,7 +116,8 @@ def compiled_programs(platform: str, mesh_name: str, names: tuple[str, ...]) -> 
         lowered["sampler"] = sampler.lower(
             frozen, state.params, prompt_ids.update(dtype=jnp.int32), whole((), jnp.int32)
         )
-    return {name: lowered[name].compile().as_text() for name in names}
+    options = targets.get(TARGETS[platform]).compiler_options()
+    return {name: lowered[name].compile(options).as_text() for name in names}
 
 
 def collectives(hlo: str) -> set[str]:
@@ -139,8 +140,10 @@ def test_programs_compile_for_the_target_with_its_kernel(platform, mesh_name):
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_subject_only_step_has_no_collective(platform):
-    """Subjects split over the devices, each whole on its own: the step needs no communication
-    (no tie of backward.after across devices, kernels under a shard_map per subject)."""
+    """Subjects split over the devices, each whole on its own: the step's computation needs no
+    communication (no tie of backward.after across devices, kernels under a shard_map per
+    subject); its metrics are left split over the subjects (the loop gathers them: a few
+    scalars per subject, the only collective then)."""
     (hlo,) = compiled_programs(platform, "subject", ("step",)).values()
     assert KERNELS[platform] in hlo
     assert collectives(hlo) == set(), platform

@@ -119,12 +119,17 @@ def make_sampler(config: ml_collections.ConfigDict, per_device_batch: int) -> Sa
 
 
 def jit_generation(
-    models: build.Models, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+    models: build.Models,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    null_ids: np.ndarray | None = None,
 ):
     """(frozen, trainable, token ids [B, T], key data [B, ...]) -> images [B, R, R, 3], jitted
-    with the weights replicated over `mesh` and the batch split over its batch axes."""
+    with the weights replicated over `mesh` and the batch split over its batch axes.
+    `null_ids` [1, T]: the empty prompt's ids (default: from the tokenizer)."""
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    null_ids = np.asarray(models.tokenizer([""]))
+    if null_ids is None:
+        null_ids = np.asarray(models.tokenizer([""]))
 
     def sample(frozen, trainable, ids, key_data):
         keys = jax.random.wrap_key_data(key_data)
