@@ -449,15 +449,23 @@ def does_not_fit_message(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # The command line
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("target", None, f"Compile for: {', '.join(targets.TARGETS)}.")
-flags.DEFINE_string("out", None, "Also write the report as JSON to this file.")
-flags.DEFINE_list("programs", list(PROGRAMS), "Which programs to compile.")
-flags.DEFINE_integer("eval_batch_size", 4, "Evaluation images per device (evaluate --batch_size).")
-flags.DEFINE_float(
-    "memory_gib", None, "Usable memory per device in GiB, instead of the target's (a MIG slice)."
-)
-flags.mark_flags_as_required(["config", "target"])
+def define_flags() -> None:
+    """The command's flags, defined when it runs as a program (not on import: tests import this
+    module beside other CLIs whose flags share names, such as --out)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py).", lock_config=True
+    )
+    flags.DEFINE_string("target", None, f"Compile for: {', '.join(targets.TARGETS)}.")
+    flags.DEFINE_string("out", None, "Also write the report as JSON to this file.")
+    flags.DEFINE_list("programs", list(PROGRAMS), "Which programs to compile.")
+    flags.DEFINE_integer(
+        "eval_batch_size", 4, "Evaluation images per device (evaluate --batch_size)."
+    )
+    flags.DEFINE_float(
+        "memory_gib", None,
+        "Usable memory per device in GiB, instead of the target's (a MIG slice).",
+    )
+    flags.mark_flags_as_required(["config", "target"])
 
 
 def main(argv: list[str]) -> int:
@@ -502,4 +510,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     sys.exit(app.run(lambda argv: cli.run_or_fail(main, argv), flags_parser=cli.parse_flags))
