@@ -29,11 +29,16 @@ from idfuse_jax import cli
 from idfuse_jax.errors import ConfigError
 from idfuse_jax.evaluation import comparison, run
 
-cli.define_evaluation_flags()  # as `evaluate` takes them
-flags.DEFINE_string("out", None, "Output folder of the comparison.")
-flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples of the subjects.")
-flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap.")
-flags.mark_flags_as_required(["out"])
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs as a program (not on import: tests import this
+    module beside sample and compile_check, whose flags share names)."""
+    cli.define_evaluation_flags()  # as `evaluate` takes them
+    flags.DEFINE_string("out", None, "Output folder of the comparison.")
+    flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples of the subjects.")
+    flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap.")
+    flags.mark_flags_as_required(["out"])
+
 
 EVAL_DIR = "eval"  # evaluate's default output folder inside a workdir
 
@@ -130,4 +135,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)
