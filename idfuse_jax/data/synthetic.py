@@ -12,8 +12,8 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
-from PIL import Image
 
+from idfuse_jax import paths
 from idfuse_jax.data.images import BACKGROUNDS_DIR, MASKS_DIR
 from idfuse_jax.errors import DataError
 from idfuse_jax.types import PathLike
@@ -94,11 +94,6 @@ def synthetic_subject(
     return np.stack(images), np.stack(masks), np.stack(backgrounds)
 
 
-def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
 def write_synthetic_subject(
     folder: PathLike,
     num_images: int,
@@ -119,10 +114,10 @@ def write_synthetic_subject(
     width = max(2, len(str(num_images - 1)))
     for i in range(num_images):
         name = f"{i:0{width}d}.png"
-        _write_png(folder / name, images[i])
+        paths.save_png(folder / name, images[i])
         if with_masks:
-            _write_png(folder / MASKS_DIR / name, masks[i] * 255)
+            paths.save_png(folder / MASKS_DIR / name, masks[i] * 255)
         if truth_dir is not None:
-            _write_png(pathlib.Path(truth_dir) / MASKS_DIR / name, masks[i] * 255)
-            _write_png(pathlib.Path(truth_dir) / BACKGROUNDS_DIR / name, backgrounds[i])
+            paths.save_png(pathlib.Path(truth_dir) / MASKS_DIR / name, masks[i] * 255)
+            paths.save_png(pathlib.Path(truth_dir) / BACKGROUNDS_DIR / name, backgrounds[i])
     return images, masks, backgrounds

@@ -25,8 +25,8 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
+from idfuse_jax import paths
 from idfuse_jax.data.images import BACKGROUNDS_DIR, MASKS_DIR
 from idfuse_jax.errors import DataError
 from idfuse_jax.types import PathLike
@@ -332,11 +332,6 @@ def prompts_file_text(subjects: Sequence[ToySubject]) -> str:
     return "\n".join([*lines, *block, ""])
 
 
-def _write_png(path: pathlib.Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
 def write_toybench(
     root: PathLike,
     res: int,
@@ -355,9 +350,9 @@ def write_toybench(
     for subject in subjects:
         for i, scene in enumerate(subject_photos(subject, res, seed)):
             name = f"{i:02d}.png"
-            _write_png(root / subject.name / name, scene.image)
-            _write_png(truth / subject.name / MASKS_DIR / name, scene.mask * 255)
-            _write_png(truth / subject.name / BACKGROUNDS_DIR / name, scene.background)
+            paths.save_png(root / subject.name / name, scene.image)
+            paths.save_png(truth / subject.name / MASKS_DIR / name, scene.mask * 255)
+            paths.save_png(truth / subject.name / BACKGROUNDS_DIR / name, scene.background)
         record["subjects"][subject.name] = {
             **dataclasses.asdict(subject.instance),
             "places": list(subject.places),
@@ -409,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = write_toybench(args.out, args.resolution, seed=args.seed)
     photos = [s.image for sub in SUBJECTS for s in subject_photos(sub, args.resolution, args.seed)]
     scale = max(1, 128 // args.resolution)
-    _write_png(root / "subjects.png", contact_sheet(photos, PHOTOS, scale))
+    paths.save_png(root / "subjects.png", contact_sheet(photos, PHOTOS, scale))
     print(f"wrote {len(SUBJECTS)} subjects to {root} (contact sheet: {root / 'subjects.png'})")
 
 
