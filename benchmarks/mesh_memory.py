@@ -144,15 +144,16 @@ def main(argv: list[str]) -> int:
     for case in (known[name] for name in f.cases):
         targets.get(case.target)
         out = folder / f"{case.name}.json"
-        if f.run and not out.is_file():
+        if f.run and not (out.is_file() and json.loads(out.read_text())["complete"]):
             folder.mkdir(parents=True, exist_ok=True)
             print(f"compiling {case.name} ...", flush=True)
             subprocess.run(command(case, out), cwd=REPO, check=False)
     print(HEADER)
     for case in (known[name] for name in f.cases):
         out = folder / f"{case.name}.json"
-        if out.is_file():
-            print(row(case, json.loads(out.read_text())))
+        report = json.loads(out.read_text()) if out.is_file() else {"complete": False}
+        if report["complete"]:
+            print(row(case, report))
         else:
             print(f"| {case.target} | {described(case)} | not compiled yet |" + " |" * 9)
     return 0

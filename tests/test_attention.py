@@ -220,6 +220,18 @@ def test_fused_kernels_under_a_shard_map_of_the_mesh(monkeypatch, implementation
     _assert_close(run(q, k, v), jax.jit(attend("xla"))(q, k, v), TOL)
 
 
+def test_cudnn_odd_keys_trace_under_a_vmap_of_several_subjects():
+    """Several subjects per device (the subject vmap inside a shard_map block) with odd key
+    lengths (the UNet's cross-attention to 77 text tokens): the padded keys' lengths fold into
+    the batch with the vmapped axis. Constant lengths (and jax's own default query lengths)
+    failed in jax's cuDNN batching rule: "cannot reshape array of shape (2,) into shape (8,)".
+    Traced only (the kernel lowers for GPUs alone; tests/test_accelerators.py compiles it)."""
+    q = jax.ShapeDtypeStruct((4, B, 64, N, 8), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((4, B, 77, N, 8), jnp.bfloat16)
+    attend = jax.vmap(lambda q, k: attention._cudnn(q, k, k, None, False))
+    assert jax.jit(attend).trace(q, k).out_info.shape == (4, B, 64, N, 8)
+
+
 def _small_models(implementation: str):
     """One small instance of every model with attention, all asking for `implementation`."""
     from idfuse_jax.models import clip, unet, vae, vit

@@ -196,21 +196,31 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, cau
     lengths are zero-padded by one: padded query rows are cut off; padded keys are cut off by
     the key lengths (a causal mask already hides a last key from every real query)."""
     del mask  # resolve() sends masked calls elsewhere
-    (b, tq), tk = q.shape[:2], k.shape[1]
+    tq, tk = q.shape[1], k.shape[1]
     q = _pad_even(q)
     k_padded, v = _pad_even(k), _pad_even(v)
-    lengths = None
+    q_lengths = kv_lengths = None
     if k_padded.shape[1] != tk and not causal:
-        lengths = jnp.full((b,), tk, jnp.int32)
+        q_lengths, kv_lengths = _batched_lengths(q, q.shape[1]), _batched_lengths(q, tk)
     out = jax.nn.dot_product_attention(
         q,
         k_padded,
         v,
         is_causal=causal,
-        key_value_seq_lengths=lengths,
+        query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths,
         implementation="cudnn",
     )
     return out[:, :tq]
+
+
+def _batched_lengths(x: jax.Array, length: int) -> jax.Array:
+    """[B] int32 of `length`, batched wherever x is: jax's cuDNN batching rule folds a vmapped
+    axis into the batch of every length argument, so constant (unbatched) lengths fail under
+    the subject vmap with several subjects per device ("cannot reshape (b,) into (S*b,)").
+    jax.nn fills a missing one with such a constant, so both are passed. The float-to-int
+    conversion is saturating in XLA (NaN gives 0), so the product is exactly 0."""
+    return jax.lax.stop_gradient(x[:, 0, 0, 0]).astype(jnp.int32) * 0 + length
 
 
 def _pad_even(x: jax.Array) -> jax.Array:
