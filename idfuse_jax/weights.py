@@ -173,10 +173,14 @@ class LoadOptions:
 def abstract_params(module: Any) -> dict[str, Any]:
     """The module's parameter shapes and dtypes (jax.ShapeDtypeStruct leaves), without init.
 
-    Every model module provides `example_inputs()`.
+    Every model module provides `example_inputs()`. Traced with materialised attention: the
+    shapes do not depend on the kernel, and a fused one traced here, outside any program's
+    devices, would log a CPU fallback that no program takes.
     """
     import jax
 
+    if getattr(module, "attention", None) is not None:
+        module = module.clone(attention="xla")
     return jax.eval_shape(module.init, jax.random.key(0), *module.example_inputs())["params"]
 
 
