@@ -5,7 +5,7 @@ The check (`learns`): on the run's own validation grid (samples/step_60.png: eve
 world, each prompt twice, 16 images), the share of images whose object has the subject's colour
 and shape (ToyBench's reading, `evaluation.toybench`) must exceed the untrained model's, on the
 same prompts and noise, by MARGIN. Pattern is left out: no variant learns the stripes in 60
-steps (pattern 0-0.25 for all), so it only adds noise.
+steps (pattern 0-0.375 in every run measured), so it only adds noise.
 
 Variants, as slots of the subject axis (one compiled step and one sampler per program; the
 slots' loss weights are traced arrays, `method.SubjectFeatures.loss_weights`):
@@ -18,10 +18,10 @@ slots' loss weights are traced arrays, `method.SubjectFeatures.loss_weights`):
 - program 2: "lora_off": no UNet or text-encoder LoRA, adapter and FFM still train (the samples
   of LoRA's learning rate 0: the optimiser has one learning rate for every parameter).
 
-Measured colour+shape (seeds 0 and 1 of training; the README has the table): full 0.875 /
-UNTRAINED_1, untrained 0.375 (the same for every seed: it never trains), l1_flipped 0.188 /
-FLIP_1, lora_off 0.625 / LORA_1, no_l3_l4 0.938 / NOL34_1: MARGIN sits between the controls'
-largest rise and the full runs' smallest.
+Measured colour+shape at training seeds 0 and 1 (README): full 0.875, 0.719; untrained 0.375
+(the same for every seed: it never trains); l1_flipped 0.188, 0.188; lora_off 0.625, 0.531;
+no_l3_l4 0.938, 0.781. MARGIN sits between the controls' largest rise (0.25) and the full runs'
+smallest (0.344).
 
 The adapter does not carry identity (DisenBooth's design: it carries what differs between the
 photos; with its output cut the subject is still learned, 0.938 at seed 0, README). What it
@@ -32,6 +32,8 @@ gap is exactly 1.
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file
+from test_train import _env
 
 from idfuse_jax import build, config_lib, method, train_lib
 from idfuse_jax import subject as subject_lib
@@ -56,18 +59,16 @@ PROGRAM_1 = {
     "no_l3_l4": {**DEFAULT, "image_background": 0.0, "text_background": 0.0},
 }
 # The rise of `learned` over the untrained model that counts as learning: below every measured
-# full run's, above every control's (measured rises, seeds 0-2: see the module docstring).
+# full run's, above every control's (measured rises, seeds 0 and 1: the module docstring).
 MARGIN = 0.3
 # The adapter's check: its feature must lower the full path's L1 by at least 1 %.
 GAP = 0.99
 
 
 def tiny_config():
-    """configs/tiny.py as the README runs it, sampled twice per prompt, on the 8 test devices
-    (the subject axis 2 x data 4: batch 4 stays whole per slot)."""
+    """configs/tiny.py as the README runs it (one CPU device), sampled twice per prompt."""
     config = config_lib.sibling_module(str(REPO / "configs" / "tiny.py"), "tiny").get_config()
     config.sample.prompts = tuple(config.sample.prompts) * 2
-    config.mesh.subject, config.mesh.data = 2, 4
     config.train.log_every = 1
     config.loss.sweep = "denoise=1"  # traced per-slot weights; the slots themselves: `slots`
     return config
@@ -89,10 +90,28 @@ def slots(weights: dict[str, dict[str, float]]):
     return sweep_runs
 
 
-def train(workdir, weights, config=None) -> pathlib.Path:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(subject_lib, "sweep_runs", slots(weights))
-        train_lib.train_and_evaluate(config or tiny_config(), workdir)
+def run_program(name: str, workdir: str) -> None:
+    """Train program `name` ("1" or "lora_off") into `workdir`, in this process."""
+    config = tiny_config()
+    weights = PROGRAM_1
+    if name == "lora_off":
+        config.method.unet_lora_targets = ""
+        config.method.text_lora = "off"
+        weights = {"lora_off": DEFAULT}
+    subject_lib.sweep_runs = slots(weights)
+    train_lib.train_and_evaluate(config, workdir)
+
+
+def train(workdir: pathlib.Path, program: str) -> pathlib.Path:
+    """A program in a process of its own on one CPU device, as the README's command runs: on
+    the tests' 8 fake devices every device would compute the whole validation sampler (the
+    images are replicated), 8 times the work on the same cores. The scores are the same on 1
+    and 8 devices (measured)."""
+    result = subprocess.run(
+        [sys.executable, __file__, program, str(workdir)],
+        env=_env(1), capture_output=True, text=True, timeout=900, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
@@ -115,7 +134,7 @@ def rows(workdir: pathlib.Path, name: str) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def program_1(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("learning"), PROGRAM_1)
+    return train(tmp_path_factory.mktemp("learning"), "1")
 
 
 @pytest.fixture(scope="session")
@@ -151,11 +170,8 @@ def test_flipped_l1_fails_the_check(program_1, untrained):
     assert not learns(scores(program_1, "l1_flipped"), untrained)
 
 
-def test_lora_off_fails_the_check(tmp_path_factory, untrained):
-    config = tiny_config()
-    config.method.unet_lora_targets = ""
-    config.method.text_lora = "off"
-    workdir = train(tmp_path_factory.mktemp("lora_off"), {"lora_off": DEFAULT}, config)
+def test_lora_off_fails_the_check(tmp_path, untrained):
+    workdir = train(tmp_path, "lora_off")
     assert not learns(scores(workdir, "lora_off"), untrained)
 
 
@@ -167,8 +183,8 @@ def denoise_gap(rows: list[dict]) -> float:
 
 
 def test_the_adapters_feature_helps_denoise_the_training_photos(program_1):
-    """The trained adapter's image feature lowers L1 on the photos it describes (measured 0.974,
-    seeds 0-1: see the module docstring); untrained it raises it."""
+    """The trained adapter's image feature lowers L1 on the photos it describes (measured 0.974
+    and 0.943 at seeds 0 and 1); untrained it raises it (1.137, 1.285)."""
     assert denoise_gap(rows(program_1, "full")) < GAP
     assert denoise_gap(rows(program_1, "untrained")) > 1.0
 
@@ -193,3 +209,7 @@ def test_adapter_cut_fails_the_feature_check(monkeypatch, tmp_path):
         )(trainable, indices, keys)
         assert float(terms["denoise_full"]) == float(terms["denoise_text_only"])
     assert not denoise_gap([jax.device_get(terms)]) < GAP
+
+
+if __name__ == "__main__":
+    run_program(*sys.argv[1:])
