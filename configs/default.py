@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     # diffusers Stable Diffusion pipeline folder (model_index.json, unet/, vae/, text_encoder/,
-    # tokenizer/, scheduler/). Empty: build random models of the `random` sizes (tests, tiny runs).
+    # tokenizer/, scheduler/). Empty: build random models of the `random` sizes (configs/smoke.py).
     c.model.pretrained = ""
     # transformers CLIPVisionModelWithProjection or CLIPModel folder: the image encoder E_I.
     c.model.image_encoder = ""

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
     if arg not in (None, "tiny"):
         raise ValueError(f"configs/dreambench.py takes no argument or 'tiny', not {arg!r}")
     if arg == "tiny":
-        c = sibling_module(__file__, "tiny").get_config()
+        c = sibling_module(__file__, "smoke").get_config()
         c.data.subjects = TINY_SUBJECTS
         c.train.steps = 6
         c.train.object_steps = 10

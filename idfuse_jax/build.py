@@ -1,5 +1,5 @@
 """Building the networks a run needs: from a diffusers pipeline folder and a CLIP image-encoder
-folder, or small random ones (tests, `configs/tiny.py`).
+folder, or small random ones (tests, `configs/smoke.py`).
 
 `build_models(config)` returns the modules (no parameters) and the frozen parameter trees as host
 arrays; the caller places them on devices.

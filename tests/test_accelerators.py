@@ -37,7 +37,7 @@ def target_devices(platform: str) -> list[jax.Device]:
 @functools.cache
 def tiny(platform: str) -> tuple[object, build.Models, dict]:
     """(config, models, frozen weights' shapes) of the tiny config with the target's kernel."""
-    config = config_lib.sibling_module(str(CONFIGS / "default.py"), "tiny").get_config()
+    config = config_lib.sibling_module(str(CONFIGS / "default.py"), "smoke").get_config()
     config.model.attention = {"tpu": "tpu_flash", "gpu": "cudnn"}[platform]
     config.model.random.text_layers = config.model.random.image_layers = 1  # compile time
     if platform == "gpu":

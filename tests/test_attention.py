@@ -122,7 +122,7 @@ def test_unknown_name_is_a_config_error():
 
 def test_config_refuses_unknown_attention():
     default = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
-    config = config_lib.sibling_module(str(default), "tiny").get_config()
+    config = config_lib.sibling_module(str(default), "smoke").get_config()
     config.model.attention = "flash"
     with pytest.raises(ConfigError, match=re.escape("config.model.attention='flash' is not one")):
         config_lib.validate(config)

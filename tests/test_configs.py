@@ -20,9 +20,9 @@ def load(name, arg=None):
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
-def test_tiny_and_dog_configs_validate():
-    config_lib.validate(load("tiny"))
-    config_lib.validate(load("dog"))
+def test_tiny_smoke_and_dog_configs_validate():
+    for name in ("tiny", "smoke", "dog"):
+        config_lib.validate(load(name))
 
 
 def test_dog_variants_pick_subject_class_and_steps(tmp_path):
@@ -49,7 +49,7 @@ def test_dog_variants_pick_subject_class_and_steps(tmp_path):
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
-    config = load("tiny")
+    config = load("smoke")
     section, key = field.split(".")
     config[section][key] = value
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
@@ -57,7 +57,7 @@ def test_bad_values_name_the_field(field, value, message):
 
 
 def test_pretrained_needs_image_encoder():
-    config = load("tiny")
+    config = load("smoke")
     config.model.pretrained = "/somewhere"
     with pytest.raises(
         config_lib.ConfigError, match=re.escape("config.model.image_encoder is empty")
@@ -68,7 +68,7 @@ def test_pretrained_needs_image_encoder():
 def test_config_json_of_an_older_version_reads_in_todays_names(tmp_path):
     """sample/evaluate read a run's config.json; runs of the first release wrote the loss
     weights as loss.lambda_* and a train.inject_nan_at_step field."""
-    saved = json.loads(load("tiny").to_json())
+    saved = json.loads(load("smoke").to_json())
     weights = saved["loss"].pop("weights")
     saved["loss"].update(
         lambda_denoise=weights["denoise"],
@@ -173,11 +173,11 @@ def test_peak_tflops_lookup(kind, override, expected):
 
 
 def test_bool_and_float_counts_are_refused():
-    config = load("tiny")
+    config = load("smoke")
     config.train.steps = True
     with pytest.raises(config_lib.ConfigError, match=re.escape("config.train.steps=True")):
         config_lib.validate(config)
-    config = load("tiny")
+    config = load("smoke")
     config.sample.num_steps = 5000
     with pytest.raises(config_lib.ConfigError, match="exceeds the 1000 training timesteps"):
         config_lib.validate(config)

@@ -241,7 +241,7 @@ def bench_dir(tmp_path_factory, dreambooth_dir):
 def runs(tmp_path_factory, bench_dir):
     """One training job of two subjects (dog: live, can: object) of the DreamBooth-layout
     folder, 2 steps each; each has its workdir in runs/subjects/NAME. Their sampler:
-    configs/tiny.py's 8 steps."""
+    configs/smoke.py's 8 steps."""
     return train_bench_job(tmp_path_factory.mktemp("runs"), bench_dir)
 
 

@@ -341,7 +341,7 @@ def test_missing_variant_is_one_line_naming_the_file(hub):
 
 
 def test_whole_repo_download_trains_through_the_cli(hub, tmp_path):
-    """configs/tiny.py on the downloaded folders: the path every real run takes, here with the
+    """configs/smoke.py on the downloaded folders: the path every real run takes, here with the
     frozen weights streamed to 2 devices and stored in bfloat16; start-up phases are logged."""
     from test_train import SHORT, metrics, ok, train
 
@@ -408,8 +408,8 @@ def test_diffusers_pipeline_with_exported_files_predicts_our_noise(hub, tmp_path
     from idfuse_jax.models import conditioning
 
     sd, clip_dir, _ = hub
-    tiny = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-    config = sibling_module(str(tiny), "tiny").get_config()
+    tiny = pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
+    config = sibling_module(str(tiny), "smoke").get_config()
     config.model.pretrained, config.model.image_encoder = str(sd), str(clip_dir)
     config.method.lora_alpha = 8.0  # scale 2: diffusers must read alpha from the file
     models, frozen = build.pretrained_models(config)

@@ -247,11 +247,11 @@ def test_tpu_vm_copies_the_checkout_as_on_disk_and_a_worker_trains_from_it(tmp_p
     subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True, timeout=120)
     for script in LAUNCH.glob("*.sh"):  # the launchers under test, as they are here
         shutil.copy(script, checkout / "launch" / script.name)
-    tiny = checkout / "configs" / "tiny.py"
+    tiny = checkout / "configs" / "smoke.py"
     tiny.write_text(tiny.read_text().replace("c.train.steps = 60", "c.train.steps = 2"))
     env = {**os.environ, **_stubs(tmp_path), "TMPDIR": str(tmp_path)}
     workdir = "gs://bucket/launch/tpu"
-    flags = ["--config", "configs/tiny.py", "--workdir", workdir]
+    flags = ["--config", "configs/smoke.py", "--workdir", workdir]
     result = subprocess.run(
         ["bash", str(checkout / "launch" / "tpu_vm.sh"), "my-tpu", "us-west4-a", *flags],
         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
@@ -270,7 +270,7 @@ def test_tpu_vm_copies_the_checkout_as_on_disk_and_a_worker_trains_from_it(tmp_p
     subprocess.run(["bash", "-c", install[-1]], env=env, cwd=worker, check=True, timeout=120)
     assert "install -q -e idfuse_jax jax[tpu]" in (tmp_path / "pip.log").read_text()
     # The uncommitted change went with the code.
-    assert (worker / "idfuse_jax" / "configs" / "tiny.py").read_text() == tiny.read_text()
+    assert (worker / "idfuse_jax" / "configs" / "smoke.py").read_text() == tiny.read_text()
     # One device: the worker's code lives elsewhere, so no compiled program comes from the cache.
     worker_env = {**gcs.env(_env(1)), **_single_process(free_port()), "PATH": env["PATH"],
                   "STUB_PIP_LOG": env["STUB_PIP_LOG"]}  # fmt: skip
@@ -304,7 +304,7 @@ def test_slurm_runs_srun_and_its_task_trains(tmp_path):
 
     env = {**os.environ, **_stubs(tmp_path)}
     workdir = tmp_path / "run"
-    flags = ["--config", "configs/tiny.py", "--workdir", str(workdir), "--config.train.steps=2"]
+    flags = ["--config", "configs/smoke.py", "--workdir", str(workdir), "--config.train.steps=2"]
     result = subprocess.run(
         ["bash", str(LAUNCH / "slurm_gpu.sh"), *flags], env=env, capture_output=True,
         text=True, timeout=60, cwd=REPO,

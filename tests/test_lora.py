@@ -324,7 +324,7 @@ def test_bfloat16_unet_keeps_a_small_lora_delta():
     from idfuse_jax import build, method
     from idfuse_jax.config_lib import sibling_module
 
-    config = sibling_module(str(REPO / "configs" / "tiny.py"), "tiny").get_config()
+    config = sibling_module(str(REPO / "configs" / "smoke.py"), "smoke").get_config()
     config.model.dtype = config.model.weights_dtype = "bfloat16"
     models, frozen = build.random_models(config)
     trainable = method.init_trainable(jax.random.key(0), models, config, frozen)

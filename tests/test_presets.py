@@ -184,7 +184,7 @@ PARTS = {
 
 @pytest.fixture(scope="module")
 def tiny_random_models():
-    """configs/tiny.py's random models (built once; each preset swaps the method's modules)."""
+    """configs/smoke.py's random models (built once; each preset swaps the method's modules)."""
     return build.build_models(tiny_config())
 
 

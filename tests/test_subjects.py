@@ -63,7 +63,7 @@ def test_dreambench_config_trains_all_30_subjects_with_steps_per_kind(dreambooth
 
 
 def test_subject_lists_take_classes_from_the_folder_or_the_entry(dreambooth_dir, tmp_path):
-    config = load("tiny")
+    config = load("smoke")
     config.data.instance_dir = str(dreambooth_dir)
     config.data.subjects = "dog2, cat2:kitten"
     config.train.object_steps = 7
@@ -104,7 +104,7 @@ def test_synthetic_subjects_differ_by_name_and_keep_their_name_across_jobs(tmp_p
 def test_bad_subject_lists_name_the_culprit(
     dreambooth_dir, tmp_path, instance_dir, subjects, error, message
 ):
-    config = load("tiny")
+    config = load("smoke")
     config.data.instance_dir = instance_dir.replace("DREAMBOOTH", str(dreambooth_dir))
     config.data.subjects = subjects
     with pytest.raises(error, match=re.escape(message)):

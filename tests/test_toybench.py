@@ -59,6 +59,25 @@ def test_half_and_half_background_is_measured_in_proportion():
     assert scores["fidelity"] + scores["leakage"] == pytest.approx(1, abs=0.02)
 
 
+def test_a_sample_grid_is_scored_image_by_image_against_its_prompts():
+    """A run's samples/step_N.png: the subject on snow, then a magenta ball on water (wrong
+    colour and pattern), then the subject on its training place sand where wood was asked."""
+    other = dataclasses.replace(SUBJECT.instance, colour="magenta", pattern="plain")
+    grid = np.concatenate(
+        [scene(SUBJECT.instance, "snow"), scene(other, "water"), scene(SUBJECT.instance, "sand")],
+        axis=1,
+    )
+    prompts = ["a sks ball in the snow", "a sks ball on water", "a sks ball on a wooden floor"]
+    scores = toybench.score_samples(grid, SUBJECT, prompts, RES)
+    assert scores["identity"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    assert scores["shape"] == 1
+    assert scores["colour"] == scores["pattern"] == pytest.approx(2 / 3)
+    assert scores["fidelity"] == pytest.approx(2 / 3, abs=0.01)  # sand is not the wood asked for
+    assert scores["leakage"] == pytest.approx(0, abs=0.01)  # snow and water are new places
+    with pytest.raises(DataError, match="a sample grid of 2 prompts at 32 px is 32x64, not 32x96"):
+        toybench.score_samples(grid, SUBJECT, prompts[:2], RES)
+
+
 def test_score_folder_writes_the_table(tmp_path):
     bench = world.write_toybench(tmp_path / "bench", RES, subjects=world.SUBJECTS[:2])
     images = tmp_path / "images"

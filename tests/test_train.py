@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from idfuse_jax import losses
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.py")
+TINY = str(REPO / "configs" / "smoke.py")  # random tiny models; configs/tiny.py: the world
 # A short run: 3 steps, a checkpoint each step, a 2-step sampler at the end.
 SHORT = (
     "--config.train.steps=3",
@@ -104,7 +104,8 @@ def last_error_line(result: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The README's main command: configs/tiny.py as it is, on 8 devices."""
+    """configs/smoke.py as it is, on 8 devices (the README's first command trains configs/tiny.py,
+    the world: tests/test_learning.py)."""
     workdir = tmp_path_factory.mktemp("tiny")
     result = ok(train(workdir))
     return workdir, result
@@ -132,7 +133,7 @@ def test_tiny_run_leaves_everything(tiny_run):
     assert config["train"]["steps"] == 60
 
 
-# configs/tiny.py's first losses as the first release computed them (1 CPU device): a change that
+# configs/smoke.py's first losses as the first release computed them (1 CPU device): a change that
 # alters the numbers of the default run (init, data order, noise, the loss) shows here.
 TINY_FIRST_LOSSES = (1.4629779, 1.3751864, 1.4022045, 1.3447117, 1.3380153)
 

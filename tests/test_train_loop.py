@@ -19,12 +19,13 @@ from idfuse_jax.config_lib import sibling_module
 from idfuse_jax.errors import NonFiniteError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.py")
+TINY = str(REPO / "configs" / "smoke.py")  # random tiny models; configs/tiny.py: the world
 
 
 def tiny_config(**overrides):
-    """configs/tiny.py with `section__field=value` overrides, quick to run."""
-    config = sibling_module(TINY, "tiny").get_config()
+    """configs/smoke.py (random tiny models, the synthetic subject) with `section__field=value`
+    overrides, quick to run."""
+    config = sibling_module(TINY, "smoke").get_config()
     config.sample.num_steps = 2
     for key, value in overrides.items():
         section, field = key.split("__")

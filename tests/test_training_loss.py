@@ -14,7 +14,7 @@ from idfuse_jax import build, method
 from idfuse_jax.models import conditioning, lora
 from idfuse_jax.train_lib import example_keys
 
-CONFIG_FILE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+CONFIG_FILE = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "smoke.py")
 INDICES = np.array([2, 0], np.int32)  # a batch of 2 from 3 precomputed images
 
 
@@ -36,7 +36,7 @@ def _perturbed(tree, key, scale=0.05):
 def case():
     from idfuse_jax.config_lib import sibling_module
 
-    config = sibling_module(CONFIG_FILE, "tiny").get_config()
+    config = sibling_module(CONFIG_FILE, "smoke").get_config()
     config.train.batch_size = len(INDICES)
     config.loss.weights.text_image = 0.3  # weights far from each other, so a swap shows
     config.loss.weights.image_background = 0.05

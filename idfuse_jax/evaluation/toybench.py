@@ -216,6 +216,23 @@ def score_folder(images_dir: pathlib.Path, bench_dir: pathlib.Path) -> dict[str,
             "subjects": subjects}  # fmt: skip
 
 
+def score_samples(
+    grid: np.ndarray, subject: world.ToySubject, prompts: Sequence[str], resolution: int
+) -> dict[str, float | None]:
+    """The mean scores of a training run's validation grid (`samples/step_N.png`: one image per
+    prompt in a row, `resolution` px each), each image scored against its prompt's place."""
+    if grid.shape[:2] != (resolution, resolution * len(prompts)):
+        raise DataError(
+            f"a sample grid of {len(prompts)} prompts at {resolution} px is "
+            f"{resolution}x{resolution * len(prompts)}, not {grid.shape[0]}x{grid.shape[1]}"
+        )
+    rows = [
+        score_image(grid[:, k * resolution : (k + 1) * resolution], subject, world.place_of(p))
+        for k, p in enumerate(prompts)
+    ]
+    return {m: _mean(rows, m) for m in METRICS}
+
+
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
