@@ -109,6 +109,8 @@ def row(case: Case, report: dict) -> str:
     slots = -(-report["subjects"] // mesh["subject"]) * mesh["subject"]
     others = [r for name, r in programs.items() if name != "step"]
     other_peak = max((r.get("peak", 0) for r in others), default=None)
+    compiled = {name.split(":")[0] for name in programs}
+    missing = [p for p in case.programs.split(",") if p not in compiled]
     collectives = ", ".join(f"{k} {v}" for k, v in step.get("collectives", {}).items() if v)
     if "peak" in step:
         memory = f"{step['arguments'] / GIB:.2f} / {step['temporaries'] / GIB:.2f} / "
@@ -125,7 +127,8 @@ def row(case: Case, report: dict) -> str:
         f"{report['usable_bytes'] / GIB:.1f}",
         "yes" if step["fits"] else "**no**",
         f"{step['model_flops_per_device'] / 1e12:.2f}",
-        "-" if other_peak is None else f"{other_peak / GIB:.2f}",
+        ("-" if other_peak is None else f"{other_peak / GIB:.2f}")
+        + (f" ({', '.join(missing)}: stopped before compiled)" if missing else ""),
         collectives or "none",
         f"{step['compile_seconds']:.0f}",
     ]
@@ -151,8 +154,8 @@ def main(argv: list[str]) -> int:
     print(HEADER)
     for case in (known[name] for name in f.cases):
         out = folder / f"{case.name}.json"
-        report = json.loads(out.read_text()) if out.is_file() else {"complete": False}
-        if report["complete"]:
+        report = json.loads(out.read_text()) if out.is_file() else {"programs": []}
+        if any(r["program"] == "step" for r in report["programs"]):
             print(row(case, report))
         else:
             print(f"| {case.target} | {described(case)} | not compiled yet |" + " |" * 9)
