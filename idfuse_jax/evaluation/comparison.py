@@ -286,10 +286,8 @@ def plot_subjects(comparison: Mapping[str, Any], path: pathlib.Path) -> None:
     subjects = sorted({s for n in names for c in columns
                        for s in comparison["methods"][n][c.key]["subjects"]})  # fmt: skip
     width = 0.8 / len(names)
-    fig, axes = plt.subplots(
-        len(columns), 1, figsize=(max(6, 0.6 * len(subjects) * len(names) + 2), 2.6 * len(columns)),
-        squeeze=False,
-    )  # fmt: skip
+    side = min(16, max(6, 0.25 * len(subjects) * len(names) + 2))  # inches; README-sized
+    fig, axes = plt.subplots(len(columns), 1, figsize=(side, 2.6 * len(columns)), squeeze=False)
     positions = np.arange(len(subjects))
     for ax, column in zip(axes[:, 0], columns):
         for i, name in enumerate(names):
