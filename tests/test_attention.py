@@ -220,6 +220,20 @@ def test_fused_kernels_under_a_shard_map_of_the_mesh(monkeypatch, implementation
     _assert_close(run(q, k, v), jax.jit(attend("xla"))(q, k, v), TOL)
 
 
+def test_cudnn_odd_keys_under_the_subject_vmap_trace():
+    """Several subject slots per device: the subject vmap over cuDNN with an odd key length
+    (CLIP's 77 tokens: padded, with key lengths). jax 0.10's batching rule of the cuDNN call
+    reshapes the lengths to the vmapped batch, so unbatched constant lengths failed to trace
+    ("cannot reshape array of shape (2,) into shape (8,)"), which broke the DreamBench step of
+    every preset whose UNet attends to the 77 text tokens. Tracing needs no GPU."""
+    q = jax.ShapeDtypeStruct((4, 2, 64, 2, 8), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((4, 2, 77, 2, 8), jnp.bfloat16)
+    attend = lambda q, k, v: attention._cudnn(q, k, v, None, False)
+    loss = lambda q, k, v: (attend(q, k, v) * q).astype(jnp.float32).sum()
+    assert jax.eval_shape(jax.vmap(attend), q, k, k).shape == q.shape
+    assert jax.eval_shape(jax.vmap(jax.grad(loss)), q, k, k).shape == q.shape
+
+
 def _small_models(implementation: str):
     """One small instance of every model with attention, all asking for `implementation`."""
     from idfuse_jax.models import clip, unet, vae, vit

@@ -199,14 +199,20 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, cau
     (b, tq), tk = q.shape[:2], k.shape[1]
     q = _pad_even(q)
     k_padded, v = _pad_even(k), _pad_even(v)
-    lengths = None
+    q_lengths = lengths = None
     if k_padded.shape[1] != tk and not causal:
-        lengths = jnp.full((b,), tk, jnp.int32)
+        # Both lengths, computed from q rather than constants: under the subject vmap jax
+        # 0.10's batching rule of the cuDNN call reshapes them to the vmapped batch, which an
+        # unbatched [b] cannot be (several subject slots per device failed so).
+        like_q = jnp.isnan(q[:, 0, 0, 0])  # batched as q is; always False
+        q_lengths = jnp.where(like_q, q.shape[1], q.shape[1]).astype(jnp.int32)
+        lengths = jnp.where(like_q, tk, tk).astype(jnp.int32)
     out = jax.nn.dot_product_attention(
         q,
         k_padded,
         v,
         is_causal=causal,
+        query_seq_lengths=q_lengths,
         key_value_seq_lengths=lengths,
         implementation="cudnn",
     )
