@@ -196,7 +196,7 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, cau
     lengths are zero-padded by one: padded query rows are cut off; padded keys are cut off by
     the key lengths (a causal mask already hides a last key from every real query)."""
     del mask  # resolve() sends masked calls elsewhere
-    (b, tq), tk = q.shape[:2], k.shape[1]
+    tq, tk = q.shape[1], k.shape[1]
     q = _pad_even(q)
     k_padded, v = _pad_even(k), _pad_even(v)
     q_lengths = lengths = None
