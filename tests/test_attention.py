@@ -220,16 +220,18 @@ def test_fused_kernels_under_a_shard_map_of_the_mesh(monkeypatch, implementation
     _assert_close(run(q, k, v), jax.jit(attend("xla"))(q, k, v), TOL)
 
 
-def test_cudnn_odd_keys_trace_under_a_vmap_of_several_subjects():
-    """Several subjects per device (the subject vmap inside a shard_map block) with odd key
-    lengths (the UNet's cross-attention to 77 text tokens): the padded keys' lengths fold into
-    the batch with the vmapped axis. Constant lengths (and jax's own default query lengths)
-    failed in jax's cuDNN batching rule: "cannot reshape array of shape (2,) into shape (8,)".
-    Traced only (the kernel lowers for GPUs alone; tests/test_accelerators.py compiles it)."""
-    q = jax.ShapeDtypeStruct((4, B, 64, N, 8), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((4, B, 77, N, 8), jnp.bfloat16)
-    attend = jax.vmap(lambda q, k: attention._cudnn(q, k, k, None, False))
-    assert jax.jit(attend).trace(q, k).out_info.shape == (4, B, 64, N, 8)
+def test_cudnn_odd_keys_under_the_subject_vmap_trace():
+    """Several subject slots per device: the subject vmap over cuDNN with an odd key length
+    (CLIP's 77 tokens: padded, with key lengths). jax 0.10's batching rule of the cuDNN call
+    reshapes the lengths to the vmapped batch, so unbatched constant lengths failed to trace
+    ("cannot reshape array of shape (2,) into shape (8,)"), which broke the DreamBench step of
+    every preset whose UNet attends to the 77 text tokens. Tracing needs no GPU."""
+    q = jax.ShapeDtypeStruct((4, 2, 64, 2, 8), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((4, 2, 77, 2, 8), jnp.bfloat16)
+    attend = lambda q, k, v: attention._cudnn(q, k, v, None, False)
+    loss = lambda q, k, v: (attend(q, k, v) * q).astype(jnp.float32).sum()
+    assert jax.eval_shape(jax.vmap(attend), q, k, k).shape == q.shape
+    assert jax.eval_shape(jax.vmap(jax.grad(loss)), q, k, k).shape == q.shape
 
 
 def _small_models(implementation: str):

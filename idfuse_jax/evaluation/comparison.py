@@ -13,8 +13,11 @@ comparison.json, results.md and the PNGs. The statistics:
 
 Columns: `COLUMNS` lists every metric the table knows, in order, with the per-subject key of
 results.json it reads. A column shows when every method's results carry that key for every
-subject; ToyBench's ground-truth identity and background-leakage scores join by adding their
-entry here and writing the key per subject in results.json.
+subject: DINO, CLIP-I and CLIP-T when the evaluations had the metric models, ToyBench's
+ground-truth identity, prompt fidelity and background leakage when they were ToyBench runs
+(`with_toybench` merges toybench.json's per-subject scores in). Each column has a role in the
+tradeoff plot: a "subject" column (DINO, CLIP-I; identity) is drawn against the "prompt"
+column of its benchmark (CLIP-T; fidelity).
 """
 
 from __future__ import annotations
@@ -37,13 +40,32 @@ class Column:
     key: str  # the per-subject key in results.json
     header: str
     higher_is_better: bool = True
+    bench: str = "dreambench"  # the tradeoff plot pairs columns of the same benchmark
+    role: str = ""  # "subject" (y of the tradeoff plot), "prompt" (its x), "" (not drawn there)
+    axis: str = ""  # the tradeoff plot's axis label (default: the header and its role)
+
+    @property
+    def label(self) -> str:
+        return self.axis or f"{self.header} ({self.role} fidelity)"
 
 
 COLUMNS = (
-    Column("dino", "DINO"),
-    Column("clip_i", "CLIP-I"),
-    Column("clip_t", "CLIP-T"),
+    Column("dino", "DINO", role="subject"),
+    Column("clip_i", "CLIP-I", role="subject"),
+    Column("clip_t", "CLIP-T", role="prompt"),
+    Column(
+        "identity",
+        "identity",
+        bench="toybench",
+        role="subject",
+        axis="ToyBench identity (subject fidelity)",
+    ),
+    Column(
+        "fidelity", "fidelity", bench="toybench", role="prompt", axis="ToyBench prompt fidelity"
+    ),
+    Column("leakage", "leakage", higher_is_better=False, bench="toybench"),
 )
+TOYBENCH_KEYS = ("identity", "shape", "colour", "pattern", "fidelity", "leakage")
 LEVEL = 0.95
 
 
@@ -64,6 +86,19 @@ def interval(values: Sequence[float], resamples: int, seed: int) -> tuple[float,
     tail = 100 * (1 - LEVEL) / 2
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(values.mean()), float(low), float(high)
+
+
+def with_toybench(results: Mapping[str, Any], truth: Mapping[str, Any]) -> dict[str, Any]:
+    """results.json's content with each subject's ToyBench scores (`TOYBENCH_KEYS` of
+    toybench.json's per-subject means) added to its entry; a subject toybench.json lacks is a
+    ConfigError (the two files come from different evaluations)."""
+    subjects = {}
+    for name, entry in results["subjects"].items():
+        if name not in truth["subjects"]:
+            raise ConfigError(f"subject {name!r} has no ToyBench scores (toybench.json)")
+        scores = truth["subjects"][name]
+        subjects[name] = {**entry, **{k: scores.get(k) for k in TOYBENCH_KEYS}}
+    return {**results, "subjects": subjects}
 
 
 def subject_scores(results: Mapping[str, Any], column: Column) -> dict[str, float] | None:
@@ -126,6 +161,12 @@ def _plain(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def _direction(columns: Sequence[Column]) -> str:
+    """' Higher is better, except for leakage.' (naming every lower-is-better column), or ''."""
+    lower = [c.header for c in columns if not c.higher_is_better]
+    return f" Higher is better, except for {', '.join(lower)}." if lower else ""
+
+
 def markdown(
     comparison: Mapping[str, Any],
     sources: Mapping[str, str],
@@ -144,7 +185,7 @@ def markdown(
         lines += ["```", command, "```", ""]
     lines += [
         f"Mean over subjects, with its {s['level']:.0%} percentile-bootstrap interval over "
-        f"subjects ({s['resamples']} resamples, seed {s['seed']}).",
+        f"subjects ({s['resamples']} resamples, seed {s['seed']}).{_direction(columns)}",
         "",
         head,
         rule,
@@ -163,12 +204,13 @@ def markdown(
             cells = " | ".join(_cell(row[c.key], signed=True) for c in columns)
             lines.append(f"| {name} - {s['reference']} | {count} | {cells} |")
     published = [c for c in columns if c.key in report.METRICS]
-    lines += ["", "Published (DreamBench, real weights; not comparable with tiny or ToyBench "
-              "runs):", "", "| method | " + " | ".join(c.header for c in published)
-              + " | source |", "|---|" + "---|" * len(published) + "---|"]  # fmt: skip
-    for row in report.PUBLISHED:
-        cells = " | ".join(_plain(row[c.key]) for c in published)
-        lines.append(f"| {row['method']} | {cells} | {row['source']} |")
+    if published:  # DreamBench's metrics only
+        lines += ["", "Published (DreamBench, real weights; not comparable with tiny or ToyBench "
+                  "runs):", "", "| method | " + " | ".join(c.header for c in published)
+                  + " | source |", "|---|" + "---|" * len(published) + "---|"]  # fmt: skip
+        for row in report.PUBLISHED:
+            cells = " | ".join(_plain(row[c.key]) for c in published)
+            lines.append(f"| {row['method']} | {cells} | {row['source']} |")
     subjects = sorted({s for n in names for c in columns
                        for s in comparison["methods"][n][c.key]["subjects"]})  # fmt: skip
     headers = " | ".join(c.header for c in columns)
@@ -200,26 +242,33 @@ def _pyplot():
     return plt
 
 
+def tradeoff_pairs(columns: Sequence[Column]) -> list[tuple[Column, Column]]:
+    """(subject column, prompt column) of each panel of the tradeoff plot: every "subject"
+    column against the "prompt" column of its benchmark, where both are in the table."""
+    prompt = {c.bench: c for c in columns if c.role == "prompt"}
+    return [(c, prompt[c.bench]) for c in columns if c.role == "subject" and c.bench in prompt]
+
+
 def plot_tradeoff(comparison: Mapping[str, Any], path: pathlib.Path) -> bool:
-    """DINO and CLIP-I against CLIP-T, one point per method with its intervals on both axes
-    (the field's subject-fidelity vs prompt-fidelity plot). False if CLIP-T is not a column."""
-    keys = [c["key"] for c in comparison["columns"]]
-    if "clip_t" not in keys:
+    """Subject fidelity against prompt fidelity (DINO and CLIP-I against CLIP-T; ToyBench's
+    identity against its prompt fidelity), one point per method with its intervals on both
+    axes: the field's tradeoff plot. False (nothing drawn) when no pair is in the table."""
+    pairs = tradeoff_pairs([Column(**c) for c in comparison["columns"]])
+    if not pairs:
         return False
-    fidelity = [c for c in COLUMNS if c.key in keys and c.key != "clip_t"]
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(fidelity), figsize=(5 * len(fidelity), 4.2), squeeze=False)
-    for ax, column in zip(axes[0], fidelity):
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), squeeze=False)
+    for ax, (ycol, xcol) in zip(axes[0], pairs):
         for name, row in comparison["methods"].items():
-            x, y = row["clip_t"], row[column.key]
+            x, y = row[xcol.key], row[ycol.key]
             ax.errorbar(
                 x["mean"], y["mean"],
                 xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
                 yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]],
                 fmt="o", capsize=3, label=name,
             )  # fmt: skip
-        ax.set_xlabel("CLIP-T (prompt fidelity)")
-        ax.set_ylabel(f"{column.header} (subject fidelity)")
+        ax.set_xlabel(xcol.label)
+        ax.set_ylabel(ycol.label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Mean over subjects, {LEVEL:.0%} bootstrap intervals")
@@ -237,17 +286,15 @@ def plot_subjects(comparison: Mapping[str, Any], path: pathlib.Path) -> None:
     subjects = sorted({s for n in names for c in columns
                        for s in comparison["methods"][n][c.key]["subjects"]})  # fmt: skip
     width = 0.8 / len(names)
-    fig, axes = plt.subplots(
-        len(columns), 1, figsize=(max(6, 0.6 * len(subjects) * len(names) + 2), 2.6 * len(columns)),
-        squeeze=False,
-    )  # fmt: skip
+    side = min(16, max(6, 0.25 * len(subjects) * len(names) + 2))  # inches; README-sized
+    fig, axes = plt.subplots(len(columns), 1, figsize=(side, 2.6 * len(columns)), squeeze=False)
     positions = np.arange(len(subjects))
     for ax, column in zip(axes[:, 0], columns):
         for i, name in enumerate(names):
             scores = comparison["methods"][name][column.key]["subjects"]
             heights = [scores.get(s, np.nan) for s in subjects]
             ax.bar(positions + (i - (len(names) - 1) / 2) * width, heights, width, label=name)
-        ax.set_ylabel(column.header)
+        ax.set_ylabel(column.header + ("" if column.higher_is_better else " (lower is better)"))
         ax.set_xticks(positions, subjects, rotation=30 if len(subjects) > 6 else 0, fontsize=8)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.grid(axis="y", alpha=0.3)
