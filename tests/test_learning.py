@@ -201,12 +201,11 @@ def test_adapter_cut_fails_the_feature_check(monkeypatch, tmp_path):
     key = jax.random.key(0)
     trainable = method.init_trainable(key, models, config, frozen)
     batch = config.train.batch_size
+    loss = jax.jit(lambda t, i, k: method.training_loss(models, config, frozen, t, subject, i, k))
     for step in range(3):
         keys = train_lib.example_keys(key, jnp.int32(step), batch)
         indices = (jnp.arange(batch) + step * batch) % subject.num_items
-        _, terms = jax.jit(
-            lambda t, i, k: method.training_loss(models, config, frozen, t, subject, i, k)
-        )(trainable, indices, keys)
+        _, terms = loss(trainable, indices, keys)
         assert float(terms["denoise_full"]) == float(terms["denoise_text_only"])
     assert not denoise_gap([jax.device_get(terms)]) < GAP
 
