@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, a persistent compilation cache, and the shared data folder.
+"""Test setup: 8 fake CPU devices, cheap compiles, a persistent compilation cache, and the shared
+data folder.
 
 The environment must be set before jax is first imported, hence at the top of conftest.
 """
@@ -11,6 +12,11 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
+# LLVM's -O0 for the tests' programs: a cold CPU compile of the smoke run costs 40 % less CPU
+# (the run: 39 s instead of 53), its steps 25 % more; the tests' programs are mostly compiled,
+# not run. Subprocesses inherit it (test_train._env).
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import jax
 import pytest

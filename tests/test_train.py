@@ -43,7 +43,11 @@ TERMS = (
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    inherited = [  # the test session's (conftest), less its device count
+        f for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]  # fmt: skip
+    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *inherited])
     env["JAX_COMPILATION_CACHE_DIR"] = str(REPO / ".jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

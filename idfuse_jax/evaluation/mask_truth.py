@@ -2,6 +2,8 @@ r"""`prepare`'s mask sources scored against the truth: the world's exact masks.
 
   python -m idfuse_jax.evaluation.mask_truth --resolution 32 [--dino VIT_FOLDER]
 
+(--dino: the shipped world ViT, `assets.WORLD_VIT`, unless given.)
+
 Every ToyBench photo (`data.world.SUBJECTS`, one photo per place) is segmented by each source
 and compared with its exact mask by IoU. A source segments the world when its mean IoU is at
 least `GOOD_MEAN` and at least `GOOD_SHARE` of the photos reach `GOOD_IOU`: a segmenter that
@@ -96,16 +98,21 @@ def centre_rectangle(image: np.ndarray) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
+    from idfuse_jax.assets import WORLD_VIT
     from idfuse_jax.prepare import CENTRE_PRIOR, GrabCut, make_segmenter
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--dino", help="a transformers ViTModel folder for masks='dino'")
+    parser.add_argument(
+        "--dino", default=str(WORLD_VIT), help="a transformers ViTModel folder for masks='dino'"
+    )
     args = parser.parse_args(argv)
     scenes = truth_scenes(args.resolution)
-    sources = {"grabcut (border)": GrabCut(), "centre prior": CENTRE_PRIOR}
-    if args.dino:
-        sources["dino"] = make_segmenter("dino", dino_model=args.dino)
+    sources = {
+        "grabcut (border)": GrabCut(),
+        "centre prior": CENTRE_PRIOR,
+        "dino (the world's ViT)": make_segmenter("dino", dino_model=args.dino),
+    }
     sources["centre rectangle (ignores the photo)"] = centre_rectangle
     print(f"{len(scenes)} ToyBench photos at {args.resolution} px\n\n{HEADER}")
     for name, segmenter in sources.items():
