@@ -174,7 +174,9 @@ def test_branch_equals_merge_in_float32(tiny):
         branch["attn1"]["to_q"]["lora_b"], 2.0 * lora["attn1"]["to_q"]["lora_b"]
     )
     merged = apply(lora_merge(params, lora, ALPHA, RANK), x)
-    assert rel_err(apply(params, x, branch), merged) < 1e-6
+    # Measured 4.6e-7 with XLA's default CPU codegen, 2.7e-6 at the tests' -O0 (conftest: other
+    # loops, other rounding); a wrong LoRA scale is off by > 0.1.
+    assert rel_err(apply(params, x, branch), merged) < 1e-5
     assert rel_err(merged, apply(params, x)) > 0.1  # the LoRA does change the output
 
 
