@@ -112,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "grabcut (border)": GrabCut(),
         "centre prior": CENTRE_PRIOR,
         "dino (the world's ViT)": make_segmenter("dino", dino_model=args.dino),
+        "centre rectangle (ignores the photo)": centre_rectangle,
     }
-    sources["centre rectangle (ignores the photo)"] = centre_rectangle
     print(f"{len(scenes)} ToyBench photos at {args.resolution} px\n\n{HEADER}")
     for name, segmenter in sources.items():
         print(score_source(name, segmenter, scenes).row())
